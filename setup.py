@@ -1,0 +1,28 @@
+"""grpo_jax: Group Relative Policy Optimization for language models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="grpo_jax",
+    version="0.1.0",
+    description="GRPO (Group Relative Policy Optimization) for language models in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["grpo_jax", "grpo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.10",
+        "chex>=0.1.87",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.0",
+        "ml_collections>=0.1.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+)
