@@ -1,0 +1,258 @@
+"""The jit-compiled group sampler: G completions per prompt, each prompt prefilled once.
+
+  1. Host: prompts (lists of token ids) are left-padded into the smallest length bucket that fits them, so
+     a run compiles once per bucket, not once per prompt length.
+  2. Device, one jitted call: prefill the N prompts once (batch N); their keys/values become a shared
+     `Prefix` that the N * G sample rows attend to without copying it G times; then a `lax.while_loop`
+     decodes one token per step for all rows through a fixed-capacity KV cache and exits as soon as every
+     row has emitted a stop token (or after `max_new_tokens`).
+
+Randomness: the caller passes a fresh key per call (the trainer splits one per step); inside, every
+decode step folds its index into that key, so no key is ever used twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grpo_jax.models.transformer import (
+    Cache,
+    Prefix,
+    Transformer,
+    causal_mask,
+    init_cache,
+    positions_from_mask,
+)
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Frozen (hashable): it is a static argument of the compiled sampler.
+
+    temperature=0 is greedy decoding. top_k=0, top_p=1 and min_p=0 switch those filters off; when several
+    are set they apply in the order top-k, top-p, min-p, each on the distribution the previous one left.
+    Completions end after any of `stop_tokens` (the stop token is part of the completion).
+    """
+
+    max_new_tokens: int
+    group_size: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("group_size", self.group_size >= 1, "must be >= 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 disables it)"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 disables it)"),
+            ("buckets", len(self.buckets) > 0 and list(self.buckets) == sorted(set(self.buckets)),
+             "must be a non-empty increasing tuple of prompt lengths"),
+        ]
+        for name, ok, fix in checks:
+            if not ok:
+                raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} {fix}.")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+
+class SampleOutput(NamedTuple):
+    """Completions of N prompts x G samples, B = N * G rows, the G samples of a prompt contiguous."""
+
+    tokens: jax.Array  # [B, T] int32 completion tokens, pad_id after the end
+    mask: jax.Array  # [B, T] bool, true on completion tokens (up to and including the stop token)
+    lengths: jax.Array  # [B] int32 number of completion tokens
+    truncated: jax.Array  # [B] bool, no stop token within max_new_tokens
+    logprobs: jax.Array  # [B, T] float32 log pi(token) at `temperature` before top-k/p/min-p; 0 off mask
+    prompt_tokens: jax.Array  # [N, P] int32, left-padded to the bucket P
+    prompt_mask: jax.Array  # [N, P] bool, false on padding
+
+
+def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Set logits outside the top-k / top-p / min-p sets to -inf. logits `[B, V]` already / temperature."""
+    neg_inf = jnp.finfo(logits.dtype).min
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if cfg.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays when the mass
+        # of the tokens strictly more likely than it is < top_p.
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+        num_kept = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    if cfg.min_p > 0.0:
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        cutoff = jnp.max(log_probs, axis=-1, keepdims=True) + np.log(cfg.min_p)
+        logits = jnp.where(log_probs < cutoff, neg_inf, logits)
+    return logits
+
+
+def _next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Sample from float32 logits `[B, V]`: (token `[B]`, its log-prob at the temperature `[B]`)."""
+    if cfg.temperature == 0.0:
+        token = jnp.argmax(logits, axis=-1)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        logits = logits / cfg.temperature
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        token = jax.random.categorical(key, _filter_logits(logits, cfg), axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+
+
+class _DecodeState(NamedTuple):
+    step: jax.Array  # [] int32
+    logits: jax.Array  # [B, V] float32, next-token logits
+    cache: Cache
+    tokens: jax.Array  # [B, T]
+    logprobs: jax.Array  # [B, T]
+    done: jax.Array  # [B] bool
+    stopped: jax.Array  # [B] bool, ended by a stop token
+
+
+def _row_sharding(sharding: NamedSharding, ndim: int) -> NamedSharding:
+    """The batch-axis sharding of `sharding` for an array of rank `ndim`."""
+    return NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0], *([None] * (ndim - 1))))
+
+
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, cfg: SamplingConfig,
+              sharding: NamedSharding | None):
+    model: Transformer = nnx.merge(graphdef, state)
+    num_prompts = prompt_tokens.shape[0]
+    batch, length = num_prompts * cfg.group_size, cfg.max_new_tokens
+
+    def shard(x):  # keep the batch axis on the mesh's data axes
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, _row_sharding(sharding, x.ndim))
+
+    # Prefill once per prompt: its keys/values become the prefix shared by its G samples.
+    hidden, prompt_kv = model(prompt_tokens, positions_from_mask(prompt_mask), causal_mask(prompt_mask))
+    prefix = Prefix(prompt_kv, prompt_mask)
+    unembedding = model.unembedding()
+    first_logits = jnp.dot(hidden[:, -1], unembedding, preferred_element_type=jnp.float32)  # [N, V]
+    start = jnp.repeat(prompt_mask.sum(axis=1), cfg.group_size)[:, None]  # [B, 1] first completion position
+
+    def cond(s: _DecodeState):
+        return (s.step < length) & ~jnp.all(s.done)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        token, logprob = _next_token(s.logits, jax.random.fold_in(key, s.step), cfg)
+        token = jnp.where(s.done, cfg.pad_id, token)
+        logprob = jnp.where(s.done, 0.0, logprob)
+        stop = jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32)) & ~s.done
+        # This step's token enters the cache of the rows still running; it attends to the prefix and to
+        # the row's earlier completion tokens.
+        cache_mask = s.cache.mask.at[:, s.step].set(~s.done)
+        cache = Cache(s.cache.kv, cache_mask, s.step)
+        hidden, kv = model(token[:, None], start + s.step, cache_mask[:, None, :], cache=cache, prefix=prefix)
+        logits = jnp.dot(hidden[:, 0], unembedding, preferred_element_type=jnp.float32)
+        return _DecodeState(
+            step=s.step + 1,
+            logits=shard(logits),
+            cache=Cache(kv, cache_mask, s.step + 1),
+            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
+            done=s.done | stop,
+            stopped=s.stopped | stop,
+        )
+
+    init = _DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        logits=shard(jnp.repeat(first_logits, cfg.group_size, axis=0)),
+        cache=init_cache(model.config, batch, length),
+        tokens=shard(jnp.full((batch, length), cfg.pad_id, jnp.int32)),
+        logprobs=shard(jnp.zeros((batch, length), jnp.float32)),
+        done=jnp.zeros((batch,), bool),
+        stopped=jnp.zeros((batch,), bool),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    mask = final.cache.mask  # a slot is filled exactly when its token belongs to the completion
+    lengths = mask.sum(axis=1).astype(jnp.int32)
+    return final.tokens, mask, lengths, ~final.stopped, final.logprobs
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 5, 6))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):
+    """Left-pad token lists into `[N, P]` with P the smallest bucket that fits the longest prompt."""
+    if len(prompts) == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists.")
+    longest = max(len(p) for p in prompts)
+    fitting = [b for b in buckets if b >= longest]
+    if not fitting:
+        raise ValueError(f"a prompt has {longest} tokens, more than the largest bucket {max(buckets)}; "
+                         "truncate prompts or add a larger bucket to SamplingConfig.buckets.")
+    tokens = np.full((len(prompts), fitting[0]), pad_id, np.int32)
+    mask = np.zeros((len(prompts), fitting[0]), bool)
+    for i, prompt in enumerate(prompts):
+        tokens[i, fitting[0] - len(prompt):] = prompt
+        mask[i, fitting[0] - len(prompt):] = True
+    return tokens, mask
+
+
+def _batch_sharding(mesh: Mesh | None, num_prompts: int) -> NamedSharding | None:
+    """`[N, P]` prompts split over the mesh's "data" and "fsdp" axes."""
+    if mesh is None:
+        return None
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    if num_prompts % shards:
+        raise ValueError(f"{num_prompts} prompts cannot be split over the mesh's {axes} axes ({shards} "
+                         "shards); pass a multiple of that many prompts.")
+    return NamedSharding(mesh, PartitionSpec(axes, None))
+
+
+def sample(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    config: SamplingConfig,
+    *,
+    mesh: Mesh | None = None,
+) -> SampleOutput:
+    """Sample `config.group_size` completions for each prompt.
+
+    Args:
+      model: the policy.
+      prompts: N token-id lists (no padding).
+      key: a PRNG key used for this call only; pass a new one every call.
+      config: sampling settings (static: one compilation per bucket and config).
+      mesh: when given, prompts and samples are sharded over its "data"/"fsdp" axes (N must divide).
+
+    Returns:
+      SampleOutput with B = N * G rows, the G samples of prompt i in rows i*G .. i*G+G-1.
+    """
+    cfg = model.config
+    if any(not 0 <= t < cfg.vocab_size for t in config.stop_tokens):
+        raise ValueError(f"SamplingConfig.stop_tokens={config.stop_tokens} must be ids < vocab_size="
+                         f"{cfg.vocab_size}.")
+    tokens, mask = pad_prompts(prompts, config.buckets, config.pad_id)
+    if tokens.shape[1] + config.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt bucket {tokens.shape[1]} + max_new_tokens={config.max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={cfg.max_position_embeddings}; shorten prompts or completions.")
+    if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, vocab_size={cfg.vocab_size}).")
+    sharding = _batch_sharding(mesh, len(prompts))
+    place = jnp.asarray if sharding is None else lambda x: jax.device_put(x, sharding)
+    tokens, mask = place(tokens), place(mask)
+    graphdef, state = nnx.split(model)
+    out = _generate_jit(graphdef, state, tokens, mask, key, config, sharding)
+    return SampleOutput(*out, prompt_tokens=tokens, prompt_mask=mask)
