@@ -1,24 +1,35 @@
 r"""grpo_jax benchmarks: one absl entry point, one `--bench` per measurement.
 
   python experiments/benchmark.py --bench=logprobs_memory
+  python experiments/benchmark.py --bench=sampling
 
 logprobs_memory: compiled temp memory (XLA's memory analysis, nothing is run) of loss + grad through
   `token_logprobs` versus the naive full-vocabulary `log_softmax`, at Qwen2.5-0.5B's vocabulary and width.
   With --time, also runs both and reports the median wall time of loss + grad.
+sampling: the group sampler on a tiny Llama-style model (4 layers, d_model 256, 4 heads, vocab 512),
+  8 prompts x G=8, 64-token prompts, 128 new tokens, temperature 1, no stop tokens: new tokens/s, compile
+  time, time per token at 64 vs 512 new tokens, and the same work decoded without a KV cache and (when
+  torch and transformers are importable) by transformers `generate` on the same weights, in the same run.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from flax import nnx
 
-from grpo_jax import token_logprobs
+from grpo_jax import sampling, token_logprobs
+from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
+from grpo_jax.sampling import SamplingConfig, sample
 
-_BENCH = flags.DEFINE_enum("bench", "logprobs_memory", ["logprobs_memory"], "Which benchmark to run.")
+_BENCH = flags.DEFINE_enum("bench", "logprobs_memory", ["logprobs_memory", "sampling"],
+                           "Which benchmark to run.")
 _VOCAB = flags.DEFINE_integer("vocab", 151936, "logprobs_memory: vocabulary size V.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "logprobs_memory: tokens B * T (as B=4 sequences).")
 _DIM = flags.DEFINE_integer("dim", 896, "logprobs_memory: hidden width D.")
@@ -87,9 +98,119 @@ def bench_logprobs_memory() -> None:
     print(f"  ratio chunked / naive temp = {chunked / naive:.3f} (target <= 0.25)")
 
 
+def tiny_config(**overrides) -> ModelConfig:
+    """The sampler benchmark's model: 4 layers, d_model 256, 4 heads, vocab 512 (~3.3M parameters)."""
+    fields = dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                  num_kv_heads=4, max_position_embeddings=2048)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _no_cache_decode(model: Transformer, prompt_tokens, prompt_mask, key, cfg: SamplingConfig):
+    """Baseline: every step re-runs the full forward over prompt + completion so far (no KV cache)."""
+    batch, prompt_len = prompt_tokens.shape[0] * cfg.group_size, prompt_tokens.shape[1]
+    tokens = jnp.repeat(prompt_tokens, cfg.group_size, axis=0)
+    tokens = jnp.pad(tokens, ((0, 0), (0, cfg.max_new_tokens)))
+    mask = jnp.pad(jnp.repeat(prompt_mask, cfg.group_size, axis=0), ((0, 0), (0, cfg.max_new_tokens)))
+    unembedding = model.unembedding()
+
+    def step(t, carry):
+        tokens, mask = carry
+        hidden, _ = model(tokens, positions_from_mask(mask), causal_mask(mask))
+        last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + t - 1, axis=1, keepdims=False)
+        logits = jnp.dot(last, unembedding, preferred_element_type=jnp.float32)
+        token, _ = sampling._next_token(logits, jax.random.fold_in(key, t), cfg)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, prompt_len + t))
+        mask = jax.lax.dynamic_update_slice(mask, jnp.ones((batch, 1), bool), (0, prompt_len + t))
+        return tokens, mask
+
+    return jax.lax.fori_loop(0, cfg.max_new_tokens, step, (tokens, mask))[0][:, prompt_len:]
+
+
+def _time_calls(fn, repeats: int) -> tuple[float, float]:
+    """(first call seconds, median of `repeats` further calls); each call gets a fresh key."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(jax.random.PRNGKey(0)))
+    first = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.PRNGKey(i + 1)))
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def _transformers_generate_seconds(model: Transformer, prompts, cfg: SamplingConfig, repeats: int):
+    """Median seconds of transformers `generate` on the same weights and work, or None without torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        save_hf_checkpoint(model, directory)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    input_ids = torch.tensor(np.repeat(np.asarray(prompts), cfg.group_size, axis=0), dtype=torch.long)
+    kwargs = dict(attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=cfg.temperature,
+                  top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
+                  pad_token_id=0, eos_token_id=None)
+    times = []
+    with torch.inference_mode():
+        hf_model.generate(input_ids, **kwargs)  # warm up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = hf_model.generate(input_ids, **kwargs)
+            times.append(time.perf_counter() - start)
+    assert out.shape == (input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
+    print(f"  (transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    return statistics.median(times)
+
+
+def bench_sampling() -> None:
+    num_prompts, group_size, prompt_len = 8, 8, 64
+    model = Transformer(tiny_config(), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, 512, (num_prompts, prompt_len)).tolist()
+    print(f"sampling: tiny model ({model.config.num_params() / 1e6:.1f}M params), {num_prompts} prompts x "
+          f"G={group_size}, prompt {prompt_len}, temperature 1, no stop tokens, "
+          f"backend={jax.default_backend()}")
+
+    def run(new_tokens):
+        cfg = SamplingConfig(max_new_tokens=new_tokens, group_size=group_size, buckets=(prompt_len,))
+        return cfg, lambda key: sample(model, prompts, key, cfg).tokens
+
+    results = {}
+    for new_tokens in (128, 64, 512):
+        cfg, fn = run(new_tokens)
+        first, seconds = _time_calls(fn, _REPEATS.value)
+        results[new_tokens] = seconds
+        rows = num_prompts * group_size
+        print(f"  grpo_jax sampler, {new_tokens:3d} new tokens: {seconds:6.3f} s  "
+              f"{rows * new_tokens / seconds:8.0f} new tokens/s  {seconds / new_tokens * 1e3:6.2f} ms/step  "
+              f"(compile + first call {first:.2f} s)")
+    print(f"  time per step at 512 vs 64 new tokens: {results[512] / 512 / (results[64] / 64):.2f}x")
+
+    cfg, _ = run(128)
+    tokens, mask = sampling.pad_prompts(prompts, cfg.buckets, cfg.pad_id)
+    graphdef, state = nnx.split(model)
+    no_cache = jax.jit(
+        lambda state, key: _no_cache_decode(nnx.merge(graphdef, state), tokens, mask, key, cfg))
+    _, seconds = _time_calls(lambda key: no_cache(state, key), _REPEATS.value)
+    rows = num_prompts * group_size
+    print(f"  no KV cache (full forward per step), 128 new tokens: {seconds:6.3f} s  "
+          f"{rows * 128 / seconds:8.0f} new tokens/s  "
+          f"-> KV-cache sampler is {seconds / results[128]:.1f}x faster")
+    hf_seconds = _transformers_generate_seconds(model, prompts, cfg, _REPEATS.value)
+    if hf_seconds is None:
+        print("  transformers generate: torch/transformers not importable here, not measured")
+    else:
+        print(f"  transformers generate, 128 new tokens: {hf_seconds:6.3f} s  {rows * 128 / hf_seconds:8.0f} "
+              f"new tokens/s  -> grpo_jax sampler is {hf_seconds / results[128]:.2f}x faster (target >= 2x)")
+
+
 def main(argv) -> None:
     del argv
-    {"logprobs_memory": bench_logprobs_memory}[_BENCH.value]()
+    {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling}[_BENCH.value]()
 
 
 if __name__ == "__main__":

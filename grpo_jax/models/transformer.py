@@ -8,7 +8,7 @@ One attention routine serves every use:
     and decodes its G samples against that prefix; training runs the same way so gradients reach the
     prompt through the broadcast.
 
-Every parameter carries logical axis names (`sharding_names`) that `grpo_jax.sharding` maps to a mesh:
+Every parameter carries logical axis names (its `out_sharding` metadata) that `grpo_jax.sharding` maps to a mesh:
 "vocab", "embed", "q_heads", "kv_heads", "mlp", "head_dim" and "norm".
 """
 
@@ -47,7 +47,7 @@ class Cache(NamedTuple):
 
 
 def _param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class Dense(nnx.Module):
