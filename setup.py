@@ -21,6 +21,8 @@ setup(
         "absl-py>=2.0",
         "ml_collections>=0.1.1",
         "numpy>=1.26",
+        "tokenizers>=0.15",
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],

@@ -56,6 +56,10 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} (GQA).")
+        if self.head_dim < 0 or self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(
+                f"ModelConfig head_dim={self.head_dim}, rms_norm_eps={self.rms_norm_eps} and rope_theta="
+                f"{self.rope_theta} must be positive (head_dim=0 means hidden_size // num_heads).")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(

@@ -95,7 +95,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
         rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=cfg.qkv_bias and model_type == "llama", torch_dtype=cfg.param_dtype,
+        attention_bias=cfg.qkv_bias, torch_dtype=cfg.param_dtype,
     )
     if cfg.rope_scaling is not None:
         hf["rope_scaling"] = dict(rope_type="llama3", **vars(cfg.rope_scaling))
@@ -216,7 +216,7 @@ def load_hf_checkpoint(directory: str | pathlib.Path, **overrides) -> Transforme
         if tuple(value.shape) != tuple(variable.shape):
             raise ValueError(f"{directory}: tensor {name!r} has shape {array.shape}, expected "
                              f"{tuple(reversed(variable.shape)) if transpose else variable.shape}.")
-        variable.value = jnp.asarray(value, dtype=variable.dtype)
+        variable.set_value(jnp.asarray(value, dtype=variable.dtype))
         seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:

@@ -8,8 +8,8 @@ One attention routine serves every use:
     and decodes its G samples against that prefix; training runs the same way so gradients reach the
     prompt through the broadcast.
 
-Every parameter carries logical axis names (its `out_sharding` metadata) that `grpo_jax.sharding` maps to a mesh:
-"vocab", "embed", "q_heads", "kv_heads", "mlp", "head_dim" and "norm".
+Every parameter carries logical axis names (its `out_sharding` metadata) that `grpo_jax.sharding` maps to a
+mesh: "vocab", "embed", "q_heads", "kv_heads", "mlp", "head_dim" and "norm".
 """
 
 from __future__ import annotations
@@ -24,22 +24,22 @@ from grpo_jax.models.config import ModelConfig
 
 
 class KV(NamedTuple):
-    """Keys and values of one layer, `[B, S, num_kv_heads, head_dim]` each."""
+    """Keys and values of one layer, heads-major: `[B, num_kv_heads, S, head_dim]` each."""
 
     k: jax.Array
     v: jax.Array
 
 
 class Prefix(NamedTuple):
-    """Shared prefix of N prompts: per-layer KV `[N, P, ...]` and `mask` `[N, P]` (false on left padding)."""
+    """Shared prefix of N prompts: per-layer KV `[N, KVH, P, Dh]`, `mask` `[N, P]` (false on left padding)."""
 
     kv: tuple[KV, ...]
     mask: jax.Array
 
 
 class Cache(NamedTuple):
-    """A row-wise KV cache of fixed capacity T: per-layer KV `[B, T, ...]`, `mask` `[B, T]` marks slots that
-    hold a real token, `index` is the next slot to write (the same for all rows)."""
+    """A row-wise KV cache of fixed capacity T: per-layer KV `[B, KVH, T, Dh]`; `mask` `[B, T]` marks slots
+    that hold a real token; `index` is the next slot to write (the same for all rows)."""
 
     kv: tuple[KV, ...]
     mask: jax.Array
@@ -92,40 +92,43 @@ def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = No
            prefix_mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(Dh)) v over the row's own keys and, optionally, its group's shared prefix.
 
+    Keys and values are stored heads-major, `[B, KVH, T, Dh]`: the contractions over T then need no
+    transpose of the (large) cache, only of the (small) queries.
+
     Args:
       q: `[B, S, H, Dh]` queries.
-      own: KV `[B, T, KVH, Dh]`, keys of the row itself (its cache or the call's own tokens).
+      own: KV `[B, KVH, T, Dh]`, keys of the row itself (its cache or the call's own tokens).
       own_mask: `[B, S, T]` bool, which own keys each query may see (causality and padding).
-      prefix_kv: KV `[N, P, KVH, Dh]` with B = N * G: keys every row of a group sees.
+      prefix_kv: KV `[N, KVH, P, Dh]` with B = N * G: keys every row of a group sees.
       prefix_mask: `[N, P]` bool, false on the prefix's padding.
 
     Returns:
       `[B, S, H, Dh]` in q's dtype. Softmax in float32; a query with no visible key gets zeros.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = own.k.shape[2]
+    kv_heads = own.k.shape[1]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
-    scores = jnp.einsum("bskrd,btkd->bskrt", q, own.k, preferred_element_type=jnp.float32)
-    masks = [jnp.broadcast_to(own_mask[:, :, None, None, :], scores.shape)]
+    q = q.transpose(0, 2, 1, 3, 4)  # [B, KVH, S, R, Dh]
+    scores = jnp.einsum("bksrd,bktd->bksrt", q, own.k, preferred_element_type=jnp.float32)
+    masks = [jnp.broadcast_to(own_mask[:, None, :, None, :], scores.shape)]
     if prefix_kv is not None:
-        num_prompts = prefix_kv.k.shape[0]
-        grouped_q = q.reshape(num_prompts, batch // num_prompts, *q.shape[1:])
-        prefix_scores = jnp.einsum("ngskrd,npkd->ngskrp", grouped_q, prefix_kv.k,
-                                   preferred_element_type=jnp.float32)
-        prefix_scores = prefix_scores.reshape(*scores.shape[:-1], -1)
-        prefix_visible = jnp.repeat(prefix_mask, batch // num_prompts, axis=0)  # [B, P]
+        num_prompts, prefix_len = prefix_kv.k.shape[0], prefix_kv.k.shape[2]
+        group = batch // num_prompts
+        grouped_q = q.reshape(num_prompts, group, *q.shape[1:])  # [N, G, KVH, S, R, Dh]
+        prefix_scores = jnp.einsum("ngksrd,nkpd->ngksrp", grouped_q, prefix_kv.k,
+                                   preferred_element_type=jnp.float32).reshape(*scores.shape[:-1], prefix_len)
+        prefix_visible = jnp.repeat(prefix_mask, group, axis=0)  # [B, P]
         masks.insert(0, jnp.broadcast_to(prefix_visible[:, None, None, None, :], prefix_scores.shape))
         scores = jnp.concatenate([prefix_scores, scores], axis=-1)
     mask = jnp.concatenate(masks, axis=-1)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0).astype(own.v.dtype)
-    out = jnp.einsum("bskrt,btkd->bskrd", weights[..., -own.k.shape[1]:], own.v)
+    out = jnp.einsum("bksrt,bktd->bksrd", weights[..., -own.k.shape[2]:], own.v)
     if prefix_kv is not None:
-        grouped_w = weights[..., : prefix_kv.k.shape[1]].reshape(num_prompts, -1, *weights.shape[1:-1],
-                                                                   prefix_kv.k.shape[1])
-        out += jnp.einsum("ngskrp,npkd->ngskrd", grouped_w, prefix_kv.v).reshape(out.shape)
-    return out.reshape(batch, length, heads, head_dim)
+        grouped_w = weights[..., :prefix_len].reshape(num_prompts, group, *weights.shape[1:-1], prefix_len)
+        out += jnp.einsum("ngksrp,nkpd->ngksrd", grouped_w, prefix_kv.v).reshape(out.shape)
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, head_dim)
 
 
 class Attention(nnx.Module):
@@ -149,11 +152,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.config.rope_inv_freq())  # a trace-time constant
         q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, KVH, S, Dh]
+        v = v.transpose(0, 2, 1, 3)
         if cache_kv is None:
             own = KV(k, v)
         else:  # write this call's keys into the cache and attend to all of it
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             own = KV(jax.lax.dynamic_update_slice(cache_kv.k, k.astype(cache_kv.k.dtype), start),
                      jax.lax.dynamic_update_slice(cache_kv.v, v.astype(cache_kv.v.dtype), start))
         out = attend(q, own, own_mask, prefix_kv, prefix_mask)
@@ -256,7 +260,7 @@ def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> j
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache:
     """An empty cache of `capacity` slots per row."""
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     dtype = dtype or cfg.dtype
     kv = tuple(KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
     return Cache(kv, jnp.zeros((batch, capacity), bool), jnp.zeros((), jnp.int32))
