@@ -251,8 +251,11 @@ def sample(
     if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={cfg.vocab_size}).")
     sharding = _batch_sharding(mesh, len(prompts))
-    place = jnp.asarray if sharding is None else lambda x: jax.device_put(x, sharding)
-    tokens, mask = place(tokens), place(mask)
+    if sharding is None:
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    else:  # every process holds the same prompts; each places the shards of its own devices
+        tokens, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+                        for x in (tokens, mask))
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, tokens, mask, key, config, sharding)
     return SampleOutput(*out, prompt_tokens=tokens, prompt_mask=mask)

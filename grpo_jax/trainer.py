@@ -1,0 +1,462 @@
+"""The GRPO loop: rollout -> rewards -> advantages -> reference / old log-probs -> mu clipped updates.
+
+One iteration (`Trainer.step`), as named stages:
+
+  1. prompts   N prompts from the dataset at the current position (a resumable integer)
+  2. sample    G completions each with the jit-compiled group sampler (prompt prefilled once)
+  3. rewards   plain Python reward function on the host; DAPO soft overlong penalty in tokens
+  4. filter    DAPO dynamic sampling: drop groups whose rewards are all equal, sample more prompts until N
+               groups carry signal (bounded number of extra rounds)
+  5. advantages  group-relative (any estimator/scale of `group_advantages`)
+  6. reference   log pi_ref once per batch, only when beta != 0 (no reference params exist at beta == 0)
+  7. old         log pi_old once per batch, only when mu > 1 (at mu == 1 the ratio is exp(logp - sg(logp)))
+  8. update      mu epochs x num_minibatches optimizer steps, each one jitted `train_step(state, batch)`
+                 with gradient accumulation over microbatches, global-norm clipping and AdamW; a non-finite
+                 loss or gradient skips the update (counted) and leaves the parameters untouched
+  9. reference reset  DeepSeekMath iterative GRPO: pi_ref <- pi_theta every `ref_update_every` steps
+
+Every forward over completions runs the prompt once per group: the prompt's keys/values are a shared prefix
+for its G completions (`completion_logprobs`), so gradients reach the prompt positions through the broadcast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from grpo_jax import advantages as advantages_lib
+from grpo_jax import losses, sharding
+from grpo_jax._validation import check_option
+from grpo_jax.logprobs import token_logprobs
+from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positions_from_mask
+from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Everything one GRPO run needs besides the model, data and reward function."""
+
+    # Batch: N prompts x G completions per step.
+    num_prompts: int = 8
+    group_size: int = 8
+    # Sampling.
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+    prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    # Updates: mu epochs over each batch, num_minibatches optimizer steps per epoch, each accumulating
+    # gradients over grad_accum_steps microbatches (all counted in prompts, groups never split).
+    mu: int = 1
+    num_minibatches: int = 1
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-6
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 0 at total_steps)
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    max_grad_norm: float = 1.0
+    # Loss (see grpo_jax.losses.policy_loss).
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    dual_clip: float | None = None
+    loss_type: str = "grpo"
+    aggregation: str = "seq-mean-token-mean"
+    entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * aggregated entropy
+    # Advantages (see grpo_jax.advantages.group_advantages).
+    advantage_estimator: str = "grpo"
+    advantage_scale: str = "group"
+    advantage_eps: float = 1e-6
+    # DeepSeekMath iterative GRPO: reset the reference to the policy every K steps (0: never).
+    ref_update_every: int = 0
+    # DAPO.
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    overlong_buffer: int = 0  # L_cache of DAPO eq. 13, in tokens (0: no soft overlong penalty)
+    overlong_penalty: float = 1.0  # scale of that penalty
+    mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
+    logprob_chunk_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        per_minibatch, rest = divmod(self.num_prompts, self.num_minibatches)
+        problems = [
+            (self.num_prompts >= 1 and self.group_size >= 1 and self.mu >= 1, "num_prompts, group_size, mu",
+             "must be >= 1"),
+            (rest == 0, "num_minibatches", f"must divide num_prompts={self.num_prompts}"),
+            (rest == 0 and per_minibatch % self.grad_accum_steps == 0, "grad_accum_steps",
+             f"must divide the prompts per minibatch ({per_minibatch})"),
+            (0 <= self.overlong_buffer < self.max_new_tokens, "overlong_buffer",
+             f"must be in [0, max_new_tokens={self.max_new_tokens})"),
+            (self.lr_schedule in ("constant", "cosine", "linear"), "lr_schedule",
+             "must be 'constant', 'cosine' or 'linear'"),
+            (self.ref_update_every >= 0 and self.max_resample_rounds >= 0, "ref_update_every",
+             "and max_resample_rounds must be >= 0"),
+        ]
+        for ok, name, fix in problems:
+            if not ok:
+                raise ValueError(f"GRPOConfig.{name}={getattr(self, name.split(',')[0])!r} {fix}.")
+        check_option("GRPOConfig.loss_type", self.loss_type, losses.LOSS_TYPES)
+        check_option("GRPOConfig.aggregation", self.aggregation, losses.AGGREGATIONS)
+        check_option("GRPOConfig.kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS)
+        check_option("GRPOConfig.advantage_estimator", self.advantage_estimator, ("grpo", "rloo"))
+        check_option("GRPOConfig.advantage_scale", self.advantage_scale, ("group", "batch", "none"))
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, group_size=self.group_size, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, stop_tokens=self.stop_tokens,
+            pad_id=self.pad_id, buckets=self.prompt_buckets)
+
+    def loss_options(self) -> dict[str, Any]:
+        constant_normaliser = self.aggregation == "seq-mean-token-sum-norm"
+        return dict(beta=self.beta, kl_estimator=self.kl_estimator, epsilon=self.epsilon,
+                    epsilon_high=self.epsilon_high, dual_clip=self.dual_clip, loss_type=self.loss_type,
+                    aggregation=self.aggregation,
+                    max_completion_length=self.max_new_tokens if constant_normaliser else None)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def completion_logprobs(
+    model: Transformer,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    completion_tokens: jax.Array,
+    completion_mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    return_entropy: bool = False,
+):
+    """log pi(completion tokens | prompt) `[B, T]` with each prompt computed once for its G completions.
+
+    The N prompts `[N, P]` (left-padded) run once; their keys/values are the shared prefix of the
+    B = N * G completion rows `[B, T]` (right-padded), whose hidden states predict the next token. Equal
+    to the plain forward over [prompt ; completion] rows, at a fraction of the prompt cost.
+    """
+    num_prompts = prompt_tokens.shape[0]
+    group = completion_tokens.shape[0] // num_prompts
+    prompt_positions = positions_from_mask(prompt_mask)
+    hidden_prompt, prompt_kv = model(prompt_tokens, prompt_positions, causal_mask(prompt_mask))
+    inputs, input_mask = completion_tokens[:, :-1], completion_mask[:, :-1]
+    start = jnp.repeat(prompt_mask.sum(axis=1), group)[:, None]  # [B, 1]
+    positions = start + jnp.arange(inputs.shape[1])[None]
+    hidden, _ = model(inputs, positions, causal_mask(input_mask), prefix=Prefix(prompt_kv, prompt_mask))
+    # The prompt's last hidden state predicts the first completion token.
+    hidden = jnp.concatenate([jnp.repeat(hidden_prompt[:, -1:], group, axis=0), hidden], axis=1)
+    return token_logprobs(hidden, model.unembedding(), completion_tokens, temperature=temperature,
+                          chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def overlong_penalty(lengths: np.ndarray, max_length: int, buffer: int) -> np.ndarray:
+    """DAPO (arXiv 2503.14476) eq. 13, in tokens: 0 up to L_max - L_cache, then falling linearly to -1 at
+    L_max, and -1 beyond (a truncated completion counts as longer than L_max)."""
+    lengths = np.asarray(lengths, np.float64)
+    soft_start = max_length - buffer
+    penalty = np.where(lengths <= soft_start, 0.0, (soft_start - lengths) / max(buffer, 1))
+    return np.where(lengths > max_length, -1.0, penalty).astype(np.float32)
+
+
+def _has_signal(rewards: np.ndarray) -> bool:
+    """A group carries gradient signal when at least two finite rewards differ."""
+    finite = rewards[np.isfinite(rewards)]
+    return finite.size >= 2 and finite.max() > finite.min()
+
+
+class TrainState(NamedTuple):
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
+    warmup = max(cfg.warmup_steps, 0)
+    steps_per_iteration = cfg.mu * cfg.num_minibatches
+    decay_steps = max(cfg.total_steps * steps_per_iteration - warmup, 1)
+    if cfg.lr_schedule == "constant":
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+             optax.constant_schedule(cfg.learning_rate)], [warmup]) if warmup else cfg.learning_rate
+    elif cfg.lr_schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, warmup + decay_steps)
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+             optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)], [warmup])
+    inner = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay),
+    )
+    # A non-finite gradient leaves params and moments untouched and is counted in the state.
+    return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
+
+
+def _loss_fn(params, graphdef, batch, cfg: GRPOConfig):
+    model = nnx.merge(graphdef, params)
+    temperature = cfg.temperature or 1.0
+    out = completion_logprobs(model, batch["prompt_tokens"], batch["prompt_mask"], batch["completion_tokens"],
+                              batch["completion_mask"], temperature=temperature,
+                              chunk_size=cfg.logprob_chunk_size, return_entropy=cfg.entropy_coef > 0)
+    logprobs, entropy = out if cfg.entropy_coef > 0 else (out, None)
+    old = batch["old_logprobs"] if cfg.mu > 1 else jax.lax.stop_gradient(logprobs)
+    loss, metrics = losses.policy_loss(logprobs, old, batch["advantages"], batch["completion_mask"],
+                                       ref_logprobs=batch.get("ref_logprobs"), **cfg.loss_options())
+    if entropy is not None:
+        mean_entropy = losses.aggregate_loss(entropy, batch["completion_mask"], cfg.aggregation,
+                                             cfg.loss_options()["max_completion_length"])
+        loss = loss - cfg.entropy_coef * mean_entropy
+        metrics["entropy"] = jax.lax.stop_gradient(mean_entropy)
+        metrics["loss"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, optimizer, cfg: GRPOConfig):
+    """One optimizer update on a minibatch: `(state, batch) -> (state, metrics)`, pure, jitted by Trainer.
+
+    The minibatch holds `n` prompts and their n * G completions; it is split into `grad_accum_steps`
+    microbatches of whole groups whose gradients are averaged.
+    """
+    steps = cfg.grad_accum_steps
+    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+
+    def split(x, per_prompt):  # [n * per_prompt, ...] -> [steps, n / steps * per_prompt, ...]
+        return x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
+
+    prompt_keys = ("prompt_tokens", "prompt_mask")
+    micro = {k: split(v, 1 if k in prompt_keys else cfg.group_size) for k, v in batch.items()}
+
+    def accumulate(grads_sum, microbatch):
+        (_, metrics), grads = grad_fn(state.params, graphdef, microbatch, cfg)
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, metrics = jax.lax.scan(accumulate, zeros, micro)
+    grads = jax.tree.map(lambda g: g / steps, grads)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["skipped_updates"] = opt_state.total_notfinite.astype(jnp.float32)
+    return TrainState(params, opt_state), metrics
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+RewardFn = Callable[[Sequence[Any], Sequence[Sequence[int]]], Any]
+_ROW_FIELDS = ("tokens", "mask", "truncated", "rewards", "task_rewards", "lengths")  # per completion row
+
+
+class Trainer:
+    """Runs GRPO iterations on a model. The dataset is indexable (`len`, `[i]` -> example with a
+    `prompt_tokens` list); `reward_fn(examples, completions)` gets one example per completion row (each
+    prompt's example repeated G times) and the completion token lists, and returns rewards `[B]` or
+    `(rewards [B], {metric name: value})`.
+    """
+
+    def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: RewardFn, *,
+                 mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.reward_fn = reward_fn
+        self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+        self.sampling = cfg.sampling()
+        self.optimizer = make_optimizer(cfg)
+        self.graphdef, params = nnx.split(model)
+        self.model_config = model.config
+        shardings = sharding.param_shardings(params, self.mesh)
+        params = jax.device_put(params, shardings)
+        opt_state = jax.jit(self.optimizer.init)(params)
+        self.state = TrainState(params, opt_state)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        # No reference params at all when beta == 0; a copy otherwise (the train step donates the policy's).
+        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.beta else None
+        self.step = 0
+        self.data_position = 0
+        self.key = jax.random.key(cfg.seed)
+        self.counters = {"policy_forward": 0, "reference_forward": 0}
+        self._train_step = jax.jit(
+            functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer, cfg=cfg),
+            in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
+            donate_argnums=0)
+        self._logprobs = jax.jit(self._batch_logprobs)
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _batch_logprobs(self, params, batch):
+        model = nnx.merge(self.graphdef, params)
+        return completion_logprobs(model, batch["prompt_tokens"], batch["prompt_mask"],
+                                   batch["completion_tokens"], batch["completion_mask"],
+                                   temperature=self.cfg.temperature or 1.0,
+                                   chunk_size=self.cfg.logprob_chunk_size)
+
+    def _next_examples(self, count: int) -> list:
+        examples = [self.dataset[(self.data_position + i) % len(self.dataset)] for i in range(count)]
+        self.data_position += count
+        return examples
+
+    def _rollout(self, examples, key):
+        """Sample G completions per example and score them on the host."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        out = sample(self.current_model(), [e["prompt_tokens"] for e in examples], key, self.sampling,
+                     mesh=self.mesh)
+        tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
+        truncated = sharding.to_host(out.truncated)
+        self._timings["time_sampling"] += time.perf_counter() - start
+        start = time.perf_counter()
+        completions = [row[m].tolist() for row, m in zip(tokens, mask, strict=True)]
+        repeated = [e for e in examples for _ in range(cfg.group_size)]
+        result = self.reward_fn(repeated, completions)
+        rewards, reward_metrics = result if isinstance(result, tuple) else (result, {})
+        rewards = np.asarray(rewards, np.float32)
+        if rewards.shape != (len(completions),):
+            raise ValueError(f"reward_fn returned shape {rewards.shape}; expected ({len(completions)},), "
+                             "one reward per completion.")
+        lengths = mask.sum(axis=1)
+        task_rewards = rewards.copy()
+        if cfg.overlong_buffer:
+            lengths_for_penalty = np.where(truncated, cfg.max_new_tokens + 1, lengths)
+            rewards = rewards + cfg.overlong_penalty * overlong_penalty(
+                lengths_for_penalty, cfg.max_new_tokens, cfg.overlong_buffer)
+        self._timings["time_rewards"] += time.perf_counter() - start
+        return dict(examples=examples, tokens=tokens, mask=mask, truncated=truncated, rewards=rewards,
+                    task_rewards=task_rewards, reward_metrics=reward_metrics, lengths=lengths)
+
+    def _collect(self, key) -> tuple[dict, dict]:
+        """Stages 1-4: a batch of N groups (with DAPO dynamic sampling, only groups that carry signal)."""
+        cfg, groups, rounds, sampled = self.cfg, [], 0, 0
+        while True:
+            rollout = self._rollout(self._next_examples(cfg.num_prompts), jax.random.fold_in(key, rounds))
+            sampled += cfg.num_prompts
+            for i, example in enumerate(rollout["examples"]):
+                rows = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
+                group = {k: rollout[k][rows] for k in _ROW_FIELDS}
+                group["example"] = example
+                group["informative"] = _has_signal(group["rewards"])
+                groups.append(group)
+            if not cfg.dynamic_sampling:
+                break
+            informative = [g for g in groups if g["informative"]]
+            if len(informative) >= cfg.num_prompts or rounds >= cfg.max_resample_rounds:
+                # Fill any remaining places with degenerate groups: they get advantage 0 (no gradient).
+                rest = [g for g in groups if not g["informative"]]
+                groups = (informative + rest)[: cfg.num_prompts]
+                break
+            rounds += 1
+        groups = groups[: cfg.num_prompts]
+        batch = {k: np.concatenate([g[k] for g in groups]) for k in _ROW_FIELDS}
+        batch["examples"] = [g["example"] for g in groups]
+        info = dict(resample_rounds=rounds, prompts_sampled=sampled, reward_metrics=rollout["reward_metrics"])
+        return batch, info
+
+    def current_model(self) -> Transformer:
+        return nnx.merge(self.graphdef, self.state.params)
+
+    def _device_batch(self, host: dict) -> dict[str, jax.Array]:
+        cfg = self.cfg
+        prompt_tokens, prompt_mask = pad_prompts([e["prompt_tokens"] for e in host["examples"]],
+                                                 cfg.prompt_buckets, cfg.pad_id)
+        completion_mask = host["mask"] & ~host["truncated"][:, None] if cfg.mask_truncated else host["mask"]
+        advantages = advantages_lib.group_advantages(
+            jnp.asarray(host["rewards"]), cfg.group_size, estimator=cfg.advantage_estimator,
+            scale=cfg.advantage_scale, eps=cfg.advantage_eps)
+        arrays = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, completion_tokens=host["tokens"],
+                      completion_mask=completion_mask, advantages=np.asarray(advantages))
+        return {k: sharding.put_global(v, sharding.batch_sharding(self.mesh, np.ndim(v)))
+                for k, v in arrays.items()}
+
+    def _minibatches(self, batch: dict[str, jax.Array], key) -> list[dict[str, jax.Array]]:
+        """mu epochs of num_minibatches minibatches of whole groups, shuffled per epoch."""
+        cfg = self.cfg
+        per = cfg.num_prompts // cfg.num_minibatches
+        if cfg.num_minibatches == 1:  # each epoch sees the whole batch: nothing to shuffle or gather
+            return [batch] * cfg.mu
+        out = []
+        for epoch in range(cfg.mu):
+            order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), cfg.num_prompts))
+            for m in range(cfg.num_minibatches):
+                prompts = np.sort(order[m * per:(m + 1) * per])
+                rows = (prompts[:, None] * cfg.group_size + np.arange(cfg.group_size)).reshape(-1)
+                out.append({k: v[prompts] if k.startswith("prompt") else v[rows] for k, v in batch.items()})
+        return out
+
+    # -- one iteration ----------------------------------------------------------------------------------
+
+    def iteration(self) -> dict[str, float]:
+        """Run one GRPO iteration and return its metrics."""
+        cfg = self.cfg
+        # Keys derive from (seed, step): a resumed run draws exactly the keys the straight run drew.
+        step_key = jax.random.fold_in(self.key, self.step)
+        sample_key, shuffle_key = jax.random.split(step_key)
+        self._timings = timings = {"time_sampling": 0.0, "time_rewards": 0.0}
+        host, info = self._collect(sample_key)
+
+        start = time.perf_counter()
+        batch = self._device_batch(host)
+        if cfg.beta:
+            batch["ref_logprobs"] = self._logprobs(self.ref_params, batch)
+            self.counters["reference_forward"] += 1
+        if cfg.mu > 1:
+            batch["old_logprobs"] = self._logprobs(self.state.params, batch)
+            self.counters["policy_forward"] += 1
+        jax.block_until_ready(batch)
+        timings["time_reference"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        update_metrics = []
+        for minibatch in self._minibatches(batch, shuffle_key):
+            self.state, metrics = self._train_step(self.state, minibatch)
+            update_metrics.append(metrics)
+        update_metrics = jax.device_get(update_metrics)
+        timings["time_update"] = time.perf_counter() - start
+
+        self.step += 1
+        if cfg.ref_update_every and cfg.beta and self.step % cfg.ref_update_every == 0:
+            self.ref_params = jax.tree.map(jnp.copy, self.state.params)
+        return self._metrics(host, info, update_metrics, timings)
+
+    def _metrics(self, host, info, update_metrics, timings) -> dict[str, float]:
+        cfg = self.cfg
+        rewards, lengths = host["rewards"], host["lengths"]
+        metrics = {
+            "step": self.step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "task_reward_mean": float(host["task_rewards"].mean()),
+            "zero_variance_groups": float(advantages_lib.zero_variance_fraction(rewards, cfg.group_size)),
+            "completion_length_mean": float(lengths.mean()),
+            "completion_length_max": float(lengths.max()),
+            "truncated_fraction": float(host["truncated"].mean()),
+            "resample_rounds": float(info["resample_rounds"]),
+            "prompts_sampled": float(info["prompts_sampled"]),
+            **{f"reward/{k}": float(np.mean(v)) for k, v in info["reward_metrics"].items()},
+            **timings,
+        }
+        for name in update_metrics[0]:
+            values = [float(m[name]) for m in update_metrics]
+            metrics[name] = values[-1] if name == "skipped_updates" else float(np.mean(values))
+        # Per-epoch clipping: the first epoch has ratio 1 when mu == 1; later epochs show the policy moving.
+        metrics["clip_fraction_last_epoch"] = float(np.mean(
+            [float(m["clip_fraction"]) for m in update_metrics[-cfg.num_minibatches:]]))
+        total = sum(timings.values())
+        metrics["tokens_per_second"] = float(lengths.sum()) / max(total, 1e-9)
+        return metrics
