@@ -68,11 +68,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES):
-    """NamedShardings for every Variable of `state` from its `out_sharding` logical names."""
+    """`state` with each Variable's value replaced by its NamedSharding (from its `out_sharding` logical
+    names): a tree of the same structure, usable with device_put, jit shardings and optax.tree_map_params."""
 
     def sharding(variable):
-        names = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, logical_to_spec(names, variable.value.shape, mesh, rules))
+        shape = np.shape(variable.get_value())
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+        return variable.replace(NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

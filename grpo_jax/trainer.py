@@ -284,7 +284,11 @@ class Trainer:
         self.model_config = model.config
         shardings = sharding.param_shardings(params, self.mesh)
         params = jax.device_put(params, shardings)
-        opt_state = jax.jit(self.optimizer.init)(params)
+        # Optimizer moments are sharded like their parameters; counters are replicated.
+        opt_shardings = optax.tree_map_params(
+            self.optimizer, lambda _, s: s, jax.eval_shape(self.optimizer.init, params), shardings,
+            transform_non_params=lambda _: sharding.replicated(self.mesh))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         self.state = TrainState(params, opt_state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         # No reference params at all when beta == 0; a copy otherwise (the train step donates the policy's).
@@ -293,6 +297,7 @@ class Trainer:
         self.data_position = 0
         self.key = jax.random.key(cfg.seed)
         self.counters = {"policy_forward": 0, "reference_forward": 0}
+        self._timings = {"time_sampling": 0.0, "time_rewards": 0.0}
         self._train_step = jax.jit(
             functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer, cfg=cfg),
             in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
