@@ -23,8 +23,9 @@ setup(
         "numpy>=1.26",
         "tokenizers>=0.15",
         "jinja2>=3.1",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.15"],
     },
 )

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -37,7 +39,9 @@ from jax.sharding import Mesh
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import losses, sharding
 from grpo_jax._validation import check_option
+from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.logprobs import token_logprobs
+from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positions_from_mask
 from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, sample
 
@@ -283,7 +287,8 @@ class Trainer:
         self.graphdef, params = nnx.split(model)
         self.model_config = model.config
         shardings = sharding.param_shardings(params, self.mesh)
-        params = jax.device_put(params, shardings)
+        # Every process built the same params from the same seed; each places the shards it holds.
+        params = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), params, shardings)
         # Optimizer moments are sharded like their parameters; counters are replicated.
         opt_shardings = optax.tree_map_params(
             self.optimizer, lambda _, s: s, jax.eval_shape(self.optimizer.init, params), shardings,
@@ -439,6 +444,38 @@ class Trainer:
             self.ref_params = jax.tree.map(jnp.copy, self.state.params)
         return self._metrics(host, info, update_metrics, timings)
 
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        state = {"params": self.state.params, "opt_state": self.state.opt_state, "rng": self.key}
+        if self.ref_params is not None:
+            state["ref_params"] = self.ref_params
+        return state
+
+    def save(self, checkpointer: Checkpointer) -> None:
+        """Save params, optimizer state, reference, PRNG key, step, data position and config."""
+        metadata = {"step": self.step, "data_position": self.data_position,
+                    "config": dataclasses.asdict(self.cfg), "model_config": repr(self.model_config)}
+        checkpointer.save(self.step, self._checkpoint_state(), metadata, force=True)
+
+    def restore(self, checkpointer: Checkpointer) -> bool:
+        """Resume from the latest checkpoint, if any; False when there is none."""
+        if checkpointer.latest_step() is None:
+            return False
+        state, metadata, _ = checkpointer.restore(self._checkpoint_state())
+        saved = metadata["config"]
+        current = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            raise ValueError(f"{checkpointer.directory}: the checkpoint was written with a different "
+                             f"GRPOConfig (fields {changed}); use a new workdir or the original config.")
+        self.state = TrainState(state["params"], state["opt_state"])
+        # Back to an uncommitted host-made key, like a fresh run's, so it can meet arrays on any mesh.
+        self.key = jax.random.wrap_key_data(sharding.to_host(jax.random.key_data(state["rng"])))
+        self.ref_params = state.get("ref_params")
+        self.step, self.data_position = metadata["step"], metadata["data_position"]
+        return True
+
     def _metrics(self, host, info, update_metrics, timings) -> dict[str, float]:
         cfg = self.cfg
         rewards, lengths = host["rewards"], host["lengths"]
@@ -465,3 +502,30 @@ class Trainer:
         total = sum(timings.values())
         metrics["tokens_per_second"] = float(lengths.sum()) / max(total, 1e-9)
         return metrics
+
+
+def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, checkpoint_every: int = 10,
+          log_every: int = 1, print_fn: Callable[[str], object] = print) -> list[dict[str, float]]:
+    """Run `trainer` to `num_steps`, resuming from `workdir`'s latest checkpoint: running the same command
+    again after a crash continues where the last checkpoint left off. Writes `workdir/checkpoints/`,
+    `workdir/metrics.jsonl` and TensorBoard events (from process 0). Returns this call's step metrics."""
+    workdir = pathlib.Path(workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=2)
+    if trainer.restore(checkpointer):
+        print_fn(f"resumed from {workdir / 'checkpoints'} at step {trainer.step}")
+    writer = MetricsWriter(workdir, total_steps=num_steps, log_every=log_every,
+                           print_fn=print_fn) if jax.process_index() == 0 else None
+    history = []
+    try:
+        while trainer.step < num_steps:
+            metrics = trainer.iteration()
+            history.append(metrics)
+            if writer is not None:
+                writer.write(trainer.step, metrics)
+            if trainer.step % checkpoint_every == 0 or trainer.step == num_steps:
+                trainer.save(checkpointer)
+    finally:
+        if writer is not None:
+            writer.close()
+        checkpointer.close()
+    return history

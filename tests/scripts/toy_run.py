@@ -1,0 +1,61 @@
+"""A small GRPO run for the resume and multi-process tests: `python toy_run.py WORKDIR STEPS [options]`.
+
+Running the same command again resumes from WORKDIR's latest checkpoint. With `--process_id I
+--num_processes N --port P`, it joins a jax.distributed job on 127.0.0.1 (gloo CPU collectives).
+At the end it writes WORKDIR/params_<process>.npz with every parameter, as the process sees it.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("workdir")
+parser.add_argument("steps", type=int)
+parser.add_argument("--process_id", type=int, default=None)
+parser.add_argument("--num_processes", type=int, default=None)
+parser.add_argument("--port", type=int, default=None)
+parser.add_argument("--devices", type=int, default=8)
+parser.add_argument("--no_checkpoints", action="store_true")
+args = parser.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from grpo_jax import sharding  # noqa: E402
+from grpo_jax.models import ModelConfig, Transformer  # noqa: E402
+from grpo_jax.trainer import GRPOConfig, Trainer, train  # noqa: E402
+
+if args.num_processes:
+    sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
+
+MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=64)
+rng = np.random.default_rng(0)
+dataset = [{"prompt_tokens": rng.integers(2, 32, rng.integers(2, 7)).tolist()} for _ in range(40)]
+
+
+def reward_fn(examples, completions):
+    rewards = np.array([np.mean(np.asarray(c) == 5) if c else 0.0 for c in completions], np.float32)
+    return rewards, {"target_share": rewards}
+
+
+cfg = GRPOConfig(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=1e-2, prompt_buckets=(8,),
+                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3)
+mesh = sharding.make_mesh((-1, 1, 1))
+trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh)
+workdir = pathlib.Path(args.workdir)
+workdir.mkdir(parents=True, exist_ok=True)
+if args.no_checkpoints:
+    while trainer.step < args.steps:
+        print(f"step {trainer.step + 1}: reward {trainer.iteration()['reward_mean']:.3f}", flush=True)
+else:
+    train(trainer, workdir, args.steps, checkpoint_every=1, print_fn=lambda line: print(line, flush=True))
+leaves = jax.tree_util.tree_leaves_with_path(trainer.state.params)
+np.savez(workdir / f"params_{jax.process_index()}.npz",
+         **{jax.tree_util.keystr(path): sharding.to_host(leaf) for path, leaf in leaves})
+sys.exit(0)
