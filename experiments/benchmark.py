@@ -10,6 +10,12 @@ sampling: the group sampler on a tiny Llama-style model (4 layers, d_model 256, 
   8 prompts x G=8, 64-token prompts, 128 new tokens, temperature 1, no stop tokens: new tokens/s, compile
   time, time per token at 64 vs 512 new tokens, and the same work decoded without a KV cache and (when
   torch and transformers are importable) by transformers `generate` on the same weights, in the same run.
+grpo_iteration: whole GRPO iterations (sample + rewards + reference + update) on the sampler benchmark's
+  model and work (8 prompts x G=8, 64-token prompts, exactly 128 new tokens, temperature 1, mu=1), at
+  beta=0 and beta=0.04: median seconds per iteration, the split, and GFLOP/s of the FLOPs the work needs
+  (prompt once per group) against the measured f32 matmul roofline.
+train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
+  G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from flax import nnx
 from grpo_jax import sampling, token_logprobs
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
 from grpo_jax.sampling import SamplingConfig, sample
+from grpo_jax.trainer import GRPOConfig, Trainer
 
-_BENCH = flags.DEFINE_enum("bench", "logprobs_memory", ["logprobs_memory", "sampling"],
+_BENCH = flags.DEFINE_enum("bench", "logprobs_memory",
+                           ["logprobs_memory", "sampling", "grpo_iteration", "train_step"],
                            "Which benchmark to run.")
 _VOCAB = flags.DEFINE_integer("vocab", 151936, "logprobs_memory: vocabulary size V.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "logprobs_memory: tokens B * T (as B=4 sequences).")
@@ -211,9 +219,99 @@ def bench_sampling() -> None:
               f"new tokens/s  -> grpo_jax sampler is {hf_seconds / results[128]:.2f}x faster (target >= 2x)")
 
 
+def matmul_roofline() -> float:
+    """GFLOP/s of a 2048 x 2048 float32 matmul on this backend (median of repeats)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048))
+    matmul = jax.jit(lambda x: x @ x)
+    _, seconds = _time_calls(lambda key: matmul(a), max(_REPEATS.value, 5))
+    return 2 * 2048**3 / seconds / 1e9
+
+
+def _forward_flops(cfg: ModelConfig, tokens: int, context: float) -> float:
+    """Forward FLOPs of `tokens` tokens attending to `context` keys on average (matmuls + attention)."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    per_layer = 2 * (d * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * d
+                     + 3 * d * cfg.intermediate_size)
+    attention = 2 * 2 * cfg.num_heads * hd * context  # q k^T and weights v
+    return tokens * (cfg.num_layers * (per_layer + attention) + 2 * d * cfg.vocab_size)
+
+
+def grpo_work_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int, new_tokens: int,
+                    beta: float) -> dict[str, float]:
+    """FLOPs one GRPO iteration needs, each prompt computed once per group (forward x1, backward x2)."""
+    rows = prompts * group
+    prompt = _forward_flops(cfg, prompts * prompt_len, prompt_len / 2)
+    completions = _forward_flops(cfg, rows * new_tokens, prompt_len + new_tokens / 2)
+    return {"sampling": prompt + completions, "reference": (prompt + completions) if beta else 0.0,
+            "update": 3 * (prompt + completions)}
+
+
+def _constant_reward(examples, completions):
+    return np.asarray([len(c) % 3 for c in completions], np.float32)  # cheap, varied within groups
+
+
+def bench_grpo_iteration() -> None:
+    num_prompts, group_size, prompt_len, new_tokens = 8, 8, 64, 128
+    roofline = matmul_roofline()
+    rng = np.random.default_rng(0)
+    dataset = [{"prompt_tokens": rng.integers(1, 512, prompt_len).tolist()} for _ in range(64)]
+    print(f"grpo_iteration: tiny model, {num_prompts} prompts x G={group_size}, prompt {prompt_len}, "
+          f"{new_tokens} new tokens, mu=1; f32 matmul roofline {roofline:.0f} GFLOP/s")
+    for beta in (0.0, 0.04):
+        cfg = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
+                         prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5)
+        trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), cfg, dataset, _constant_reward)
+        trainer.iteration()  # compile
+        runs = [trainer.iteration() for _ in range(_REPEATS.value)]
+        keys = ("time_sampling", "time_rewards", "time_reference", "time_update")
+        split = {k: statistics.median(r[k] for r in runs) for k in keys}
+        total = statistics.median(sum(r[k] for k in keys) for r in runs)
+        flops = grpo_work_flops(trainer.model_config, num_prompts, group_size, prompt_len, new_tokens, beta)
+        needed = sum(flops.values())
+        print(f"  beta={beta}: {total:.3f} s/iteration (median of {len(runs)})  "
+              + "  ".join(f"{k[5:]} {v:.3f} s" for k, v in split.items()))
+        limit = needed / roofline / 1e9
+        print(f"    work needs {needed / 1e9:.0f} GFLOP -> {needed / total / 1e9:.0f} GFLOP/s = "
+              f"{needed / total / 1e9 / roofline:.0%} of roofline; limit at roofline {limit:.2f} s "
+              f"-> {total / limit:.2f}x the limit (target <= 2x)")
+        for stage in ("sampling", "update"):
+            seconds = split[f"time_{stage}"]
+            print(f"    {stage}: {flops[stage] / seconds / 1e9:.0f} GFLOP/s")
+
+
+def bench_train_step() -> None:
+    cfg = ModelConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8,
+                      num_kv_heads=8, max_position_embeddings=1024)
+    num_prompts, group_size, prompt_len, new_tokens = 8, 8, 64, 128
+    roofline = matmul_roofline()
+    rng = np.random.default_rng(0)
+    dataset = [{"prompt_tokens": rng.integers(1, 2048, prompt_len).tolist()} for _ in range(8)]
+    grpo = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
+                      prompt_buckets=(prompt_len,), learning_rate=1e-5)
+    trainer = Trainer(Transformer(cfg, nnx.Rngs(0)), grpo, dataset, _constant_reward)
+    host, _ = trainer._collect(jax.random.key(0))
+    batch = trainer._device_batch(host)
+    state = trainer.state
+
+    def step(_):
+        nonlocal state
+        state, metrics = trainer._train_step(state, batch)
+        return metrics["loss"]
+
+    _, seconds = _time_calls(step, _REPEATS.value)
+    flops = grpo_work_flops(cfg, num_prompts, group_size, prompt_len, new_tokens, 0.0)["update"]
+    print(f"train_step: {cfg.num_params() / 1e6:.1f}M params, {num_prompts} prompts x G={group_size}, "
+          f"{prompt_len} + {new_tokens} tokens; f32 matmul roofline {roofline:.0f} GFLOP/s")
+    print(f"  {seconds:.3f} s/step (median of {_REPEATS.value}), work {flops / 1e9:.0f} GFLOP -> "
+          f"{flops / seconds / 1e9:.0f} GFLOP/s = {flops / seconds / 1e9 / roofline:.0%} of roofline "
+          "(target >= 50%)")
+
+
 def main(argv) -> None:
     del argv
-    {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling}[_BENCH.value]()
+    benches = {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling,
+               "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step}
+    benches[_BENCH.value]()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ class Dense(nnx.Module):
         self.dtype = cfg.dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # As a 2-D matmul: XLA's CPU backward of a batched [B, T, D] x [D, F] dot is ~2x slower.
+        flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.dot(flat, self.kernel[...].astype(self.dtype)).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
