@@ -94,8 +94,10 @@ def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = No
            prefix_mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(Dh)) v over the row's own keys and, optionally, its group's shared prefix.
 
-    Keys and values are stored heads-major, `[B, KVH, T, Dh]`: the contractions over T then need no
-    transpose of the (large) cache, only of the (small) queries.
+    Keys and values are stored heads-major, `[B, KVH, T, Dh]`, and the R = H / KVH query heads sharing a
+    key head are folded into the query axis, so every contraction is a plain batched matmul that needs no
+    transpose of the (large) cache. With a prefix, the softmax runs over both key sets at once through a
+    shared maximum and denominator, without concatenating them.
 
     Args:
       q: `[B, S, H, Dh]` queries.
@@ -109,28 +111,37 @@ def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = No
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = own.k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim) * head_dim**-0.5
-    q = q.transpose(0, 2, 1, 3, 4)  # [B, KVH, S, R, Dh]
-    scores = jnp.einsum("bksrd,bktd->bksrt", q, own.k, preferred_element_type=jnp.float32)
-    masks = [jnp.broadcast_to(own_mask[:, None, :, None, :], scores.shape)]
+    repeats = heads // kv_heads
+    # [B, S, KVH * R, Dh] -> [B, KVH, S * R, Dh]: query row s * R + r is head (k, r) at position s.
+    q = (q * head_dim**-0.5).reshape(batch, length, kv_heads, repeats, head_dim)
+    q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * repeats, head_dim)
+    neg = jnp.finfo(jnp.float32).min
+    visible = jnp.repeat(own_mask, repeats, axis=1)[:, None]  # [B, 1, S * R, T]
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, own.k, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible, scores, neg)
+    top = scores.max(axis=-1, keepdims=True)
     if prefix_kv is not None:
-        num_prompts, prefix_len = prefix_kv.k.shape[0], prefix_kv.k.shape[2]
+        num_prompts = prefix_kv.k.shape[0]
         group = batch // num_prompts
-        grouped_q = q.reshape(num_prompts, group, *q.shape[1:])  # [N, G, KVH, S, R, Dh]
-        prefix_scores = jnp.einsum("ngksrd,nkpd->ngksrp", grouped_q, prefix_kv.k,
-                                   preferred_element_type=jnp.float32).reshape(*scores.shape[:-1], prefix_len)
-        prefix_visible = jnp.repeat(prefix_mask, group, axis=0)  # [B, P]
-        masks.insert(0, jnp.broadcast_to(prefix_visible[:, None, None, None, :], prefix_scores.shape))
-        scores = jnp.concatenate([prefix_scores, scores], axis=-1)
-    mask = jnp.concatenate(masks, axis=-1)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
-    weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0).astype(own.v.dtype)
-    out = jnp.einsum("bksrt,bktd->bksrd", weights[..., -own.k.shape[2]:], own.v)
+        grouped_q = q.reshape(num_prompts, group, *q.shape[1:])  # [N, G, KVH, S * R, Dh]
+        prefix_scores = jnp.einsum("ngkqd,nkpd->ngkqp", grouped_q, prefix_kv.k,
+                                   preferred_element_type=jnp.float32)
+        prefix_scores = jnp.where(prefix_mask[:, None, None, None, :], prefix_scores, neg)
+        top = jnp.maximum(top, prefix_scores.max(axis=-1, keepdims=True).reshape(top.shape))
+    weights = jnp.where(visible, jnp.exp(scores - top), 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bkqt,bktd->bkqd", weights.astype(own.v.dtype), own.v,
+                     preferred_element_type=jnp.float32)
     if prefix_kv is not None:
-        grouped_w = weights[..., :prefix_len].reshape(num_prompts, group, *weights.shape[1:-1], prefix_len)
-        out += jnp.einsum("ngksrp,nkpd->ngksrd", grouped_w, prefix_kv.v).reshape(out.shape)
-    return out.transpose(0, 2, 1, 3, 4).reshape(batch, length, heads, head_dim)
+        grouped_top = top.reshape(num_prompts, group, *top.shape[1:])
+        prefix_weights = jnp.where(prefix_mask[:, None, None, None, :], jnp.exp(prefix_scores - grouped_top),
+                                   0.0)
+        total += prefix_weights.sum(axis=-1, keepdims=True).reshape(total.shape)
+        out += jnp.einsum("ngkqp,nkpd->ngkqd", prefix_weights.astype(prefix_kv.v.dtype), prefix_kv.v,
+                          preferred_element_type=jnp.float32).reshape(out.shape)
+    out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)  # no visible key: 0 / tiny = 0
+    out = out.reshape(batch, kv_heads, length, repeats, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
 class Attention(nnx.Module):
