@@ -220,11 +220,17 @@ def bench_sampling() -> None:
 
 
 def matmul_roofline() -> float:
-    """GFLOP/s of a 2048 x 2048 float32 matmul on this backend (median of repeats)."""
+    """Peak GFLOP/s of a 2048 x 2048 float32 matmul on this backend: the best of 10 timed calls (a ceiling,
+    so the fastest call, not the median, is the estimate)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048))
     matmul = jax.jit(lambda x: x @ x)
-    _, seconds = _time_calls(lambda key: matmul(a), max(_REPEATS.value, 5))
-    return 2 * 2048**3 / seconds / 1e9
+    jax.block_until_ready(matmul(a))
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
 
 
 def _forward_flops(cfg: ModelConfig, tokens: int, context: float) -> float:
