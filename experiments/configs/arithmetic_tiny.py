@@ -1,0 +1,35 @@
+"""Default experiment: GRPO on 2-digit addition with a tiny model and the built-in tokenizer, on CPU.
+
+  python experiments/train_grpo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
+Every field can be overridden on the command line, e.g. --config.grpo.beta=0.04 --config.num_steps=50.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_steps = 30
+    config.checkpoint_every = 10
+    config.log_every = 1
+    config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
+
+    config.task = "arithmetic"  # arithmetic | countdown | gsm8k | jsonl
+    config.task_args = ml_collections.ConfigDict({"digits": 2, "ops": ("+",), "size": 20_000})
+    config.template = "plain"  # plain | r1_zero | chat
+    config.tokenizer = "char"  # "char" or a Hugging Face model directory
+    config.max_prompt_tokens = 32
+    config.rewards = (("accuracy", 1.0),)  # (name, weight): accuracy | format | format_strict | language
+
+    # Randomly initialised model (ignored when config.checkpoint names a Hugging Face directory).
+    config.checkpoint = ""
+    config.model = ml_collections.ConfigDict(dict(
+        vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True))
+
+    config.grpo = ml_collections.ConfigDict(dict(
+        num_prompts=16, group_size=8, max_new_tokens=8, temperature=1.0, learning_rate=3e-3,
+        warmup_steps=0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
+        aggregation="token-mean", prompt_buckets=(16, 32)))
+    return config

@@ -1,0 +1,146 @@
+r"""Train a policy with GRPO: an ml_collections config file plus a workdir.
+
+  python experiments/train_grpo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
+  python experiments/train_grpo.py --config=... --workdir=... --config.grpo.beta=0.04   # any field
+
+Running the same command again resumes from the workdir's latest checkpoint. Outputs in the workdir:
+checkpoints/, metrics.jsonl, TensorBoard events, plots.png. Multi-host: pass --coordinator_address,
+--num_processes and --process_id (TPU pods need none of them, only --distributed).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from grpo_jax import rewards as rewards_lib
+from grpo_jax import sharding
+from grpo_jax.data import (
+    PLAIN,
+    R1_ZERO,
+    REASONING_INSTRUCTIONS,
+    ArithmeticTask,
+    ChatTemplate,
+    CountdownTask,
+    TokenizedDataset,
+    load_gsm8k,
+    load_jsonl,
+)
+from grpo_jax.metrics import plot_metrics, read_jsonl
+from grpo_jax.models import ModelConfig, Transformer, load_hf_checkpoint
+from grpo_jax.tokenizers import Tokenizer, load_tokenizer
+from grpo_jax.trainer import GRPOConfig, Trainer, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (multi-host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+
+REWARDS = {
+    "accuracy": rewards_lib.accuracy_reward,
+    "format": rewards_lib.format_reward,
+    "format_strict": lambda prompts, completions, **fields: rewards_lib.format_reward(
+        prompts, completions, strict=True),
+    "language": rewards_lib.language_consistency_reward,
+    "equation": rewards_lib.equation_reward,
+}
+
+
+def make_examples(config, split: str):
+    args = dict(config.task_args)
+    if config.task == "arithmetic":
+        return ArithmeticTask(split=split, seed=config.seed, **args)
+    if config.task == "countdown":
+        return CountdownTask(split=split, seed=config.seed, **args)
+    if config.task == "gsm8k":
+        return load_gsm8k(split, **args)
+    if config.task == "jsonl":
+        return load_jsonl(args.pop(f"{split}_path"), **args)
+    raise ValueError(f"config.task={config.task!r} must be arithmetic, countdown, gsm8k or jsonl.")
+
+
+def make_template(name: str):
+    templates = {"plain": PLAIN, "r1_zero": R1_ZERO, "chat": ChatTemplate(system=REASONING_INSTRUCTIONS)}
+    if name not in templates:
+        raise ValueError(f"config.template={name!r} must be one of {sorted(templates)}.")
+    return templates[name]
+
+
+def make_reward_fn(config, tokenizer: Tokenizer):
+    """The configured text rewards, as the trainer's `(examples, completion token lists)` reward."""
+    unknown = [name for name, _ in config.rewards if name not in REWARDS]
+    if unknown:
+        raise ValueError(f"config.rewards names {unknown}; known rewards are {sorted(REWARDS)}.")
+    combined = rewards_lib.combine([(name, REWARDS[name], float(weight)) for name, weight in config.rewards])
+
+    def reward_fn(examples, completions):
+        texts = [tokenizer.decode(c) for c in completions]
+        prompts = [e["prompt_text"] for e in examples]
+        fields = {k: [e[k] for e in examples] for k in examples[0]
+                  if k not in ("prompt", "prompt_text", "prompt_tokens")}
+        return combined(prompts, texts, **fields)
+
+    return reward_fn
+
+
+def make_model(config, tokenizer: Tokenizer) -> Transformer:
+    if config.checkpoint:
+        model = load_hf_checkpoint(config.checkpoint)
+    else:
+        model = Transformer(ModelConfig(**config.model), nnx.Rngs(config.seed))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}; raise config.model.vocab_size or change tokenizer.")
+    return model
+
+
+def build(config):
+    """Everything a run needs, checked before any expensive work starts."""
+    tokenizer = load_tokenizer(config.tokenizer)
+    grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
+                         "total_steps": config.num_steps, "seed": config.seed})
+    mesh = sharding.make_mesh(config.mesh_shape)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if grpo.num_prompts % batch_shards:
+        raise ValueError(f"config.grpo.num_prompts={grpo.num_prompts} must be divisible by the mesh's "
+                         f"data x fsdp = {batch_shards} devices; change it or config.mesh_shape.")
+    max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
+    dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
+                               max_prompt_tokens=max_prompt)
+    model = make_model(config, tokenizer)
+    if max(grpo.prompt_buckets) + grpo.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"the largest prompt bucket {max(grpo.prompt_buckets)} + max_new_tokens="
+                         f"{grpo.max_new_tokens} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}.")
+    return Trainer(model, grpo, dataset, make_reward_fn(config, tokenizer), mesh=mesh)
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # keep the console to the progress line (Orbax logs at INFO)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value)
+    trainer = build(config)
+    train(trainer, workdir, config.num_steps, checkpoint_every=config.checkpoint_every,
+          log_every=config.log_every)
+    if jax.process_index() == 0:
+        records = read_jsonl(workdir / "metrics.jsonl")
+        keys = [k for k in ("reward_mean", "reward/accuracy", "kl", "completion_length_mean")
+                if any(k in r for r in records)]
+        plot_metrics(records, keys, workdir / "plots.png")
+        first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
+        print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
+              f"{workdir / 'plots.png'}")
+
+
+if __name__ == "__main__":
+    app.run(main)
