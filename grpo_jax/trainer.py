@@ -353,13 +353,20 @@ class Trainer:
 
     def _collect(self, key) -> tuple[dict, dict]:
         """Stages 1-4: a batch of N groups (with DAPO dynamic sampling, only groups that carry signal)."""
-        cfg, groups, rounds, sampled = self.cfg, [], 0, 0
+        cfg, groups, rounds, sampled, call_metrics = self.cfg, [], 0, 0, {}
         while True:
             rollout = self._rollout(self._next_examples(cfg.num_prompts), jax.random.fold_in(key, rounds))
             sampled += cfg.num_prompts
+            # Per-completion reward metrics travel with their group; per-call ones (error counts) add up.
+            per_row = {k: np.asarray(v) for k, v in rollout["reward_metrics"].items()
+                       if np.shape(v) == rollout["rewards"].shape}
+            for k, v in rollout["reward_metrics"].items():
+                if k not in per_row:
+                    call_metrics[k] = call_metrics.get(k, 0.0) + float(np.sum(v))
             for i, example in enumerate(rollout["examples"]):
                 rows = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
                 group = {k: rollout[k][rows] for k in _ROW_FIELDS}
+                group["reward_metrics"] = {k: v[rows] for k, v in per_row.items()}
                 group["example"] = example
                 group["informative"] = _has_signal(group["rewards"])
                 groups.append(group)
@@ -375,7 +382,10 @@ class Trainer:
         groups = groups[: cfg.num_prompts]
         batch = {k: np.concatenate([g[k] for g in groups]) for k in _ROW_FIELDS}
         batch["examples"] = [g["example"] for g in groups]
-        info = dict(resample_rounds=rounds, prompts_sampled=sampled, reward_metrics=rollout["reward_metrics"])
+        reward_metrics = {k: float(np.mean(np.concatenate([g["reward_metrics"][k] for g in groups])))
+                          for k in groups[0]["reward_metrics"]}
+        info = dict(resample_rounds=rounds, prompts_sampled=sampled,
+                    reward_metrics={**reward_metrics, **call_metrics})
         return batch, info
 
     def current_model(self) -> Transformer:
@@ -490,7 +500,7 @@ class Trainer:
             "truncated_fraction": float(host["truncated"].mean()),
             "resample_rounds": float(info["resample_rounds"]),
             "prompts_sampled": float(info["prompts_sampled"]),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in info["reward_metrics"].items()},
+            **{f"reward/{k}": v for k, v in info["reward_metrics"].items()},
             **timings,
         }
         for name in update_metrics[0]:
@@ -499,6 +509,8 @@ class Trainer:
         # Per-epoch clipping: the first epoch has ratio 1 when mu == 1; later epochs show the policy moving.
         metrics["clip_fraction_last_epoch"] = float(np.mean(
             [float(m["clip_fraction"]) for m in update_metrics[-cfg.num_minibatches:]]))
+        if "reward/accuracy" in metrics:  # the progress line's "acc"
+            metrics["accuracy"] = metrics["reward/accuracy"]
         total = sum(timings.values())
         metrics["tokens_per_second"] = float(lengths.sum()) / max(total, 1e-9)
         return metrics

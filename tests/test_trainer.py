@@ -144,8 +144,9 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
     # Reward 1 only for prompts with an even id: odd-id groups are all-zero (degenerate) whatever is sampled;
     # even-id groups vary because the completions differ.
     def reward(examples, completions):
-        return np.array([float(e["id"] % 2 == 0 and TARGET in c) for e, c in zip(examples, completions,
-                                                                                strict=True)], np.float32)
+        rewards = np.array([float(e["id"] % 2 == 0 and TARGET in c)
+                            for e, c in zip(examples, completions, strict=True)], np.float32)
+        return rewards, {"hits": rewards, "errors/hits": 1}
 
     trainer = make_trainer(dynamic_sampling=True, max_resample_rounds=6, reward_fn=reward, temperature=1.5)
     host, info = trainer._collect(jax.random.key(0))
@@ -153,6 +154,9 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
     assert all(g.max() > g.min() for g in groups)
     assert info["prompts_sampled"] > 8 and info["resample_rounds"] >= 1
     assert all(e["id"] % 2 == 0 for e in host["examples"])
+    # Per-completion reward metrics describe the kept groups; per-call counts add up over the rounds.
+    assert info["reward_metrics"]["hits"] == pytest.approx(host["rewards"].mean())
+    assert info["reward_metrics"]["errors/hits"] == info["resample_rounds"] + 1
     plain = make_trainer(reward_fn=reward, temperature=1.5)
     host, _ = plain._collect(jax.random.key(0))
     assert any(g.max() == g.min() for g in host["rewards"].reshape(8, 4))
