@@ -105,7 +105,8 @@ def build(config):
     """Everything a run needs, checked before any expensive work starts."""
     tokenizer = load_tokenizer(config.tokenizer)
     grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
-                         "total_steps": config.num_steps, "seed": config.seed})
+                         "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
+                         "seed": config.seed})
     mesh = sharding.make_mesh(config.mesh_shape)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if grpo.num_prompts % batch_shards:

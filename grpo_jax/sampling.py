@@ -41,7 +41,8 @@ class SamplingConfig:
 
     temperature=0 is greedy decoding. top_k=0, top_p=1 and min_p=0 switch those filters off; when several
     are set they apply in the order top-k, top-p, min-p, each on the distribution the previous one left.
-    Completions end after any of `stop_tokens` (the stop token is part of the completion).
+    Completions end after any of `stop_tokens` (the stop token is part of the completion). Log-probs are
+    those of the model's whole distribution at the temperature, as the training forward computes them.
     """
 
     max_new_tokens: int
@@ -53,6 +54,7 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = ()
     pad_id: int = 0
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    vocab_limit: int = 0  # > 0: only ids below it are sampled (a tokenizer smaller than the model's vocab)
 
     def __post_init__(self):
         checks = [
@@ -62,6 +64,7 @@ class SamplingConfig:
             ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 disables it)"),
             ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 disables it)"),
+            ("vocab_limit", self.vocab_limit >= 0, "must be >= 0 (0 disables it)"),
             ("buckets", len(self.buckets) > 0 and list(self.buckets) == sorted(set(self.buckets)),
              "must be a non-empty increasing tuple of prompt lengths"),
         ]
@@ -107,12 +110,14 @@ def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 def _next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Sample from float32 logits `[B, V]`: (token `[B]`, its log-prob at the temperature `[B]`)."""
+    logits = logits / (cfg.temperature or 1.0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if cfg.vocab_limit:  # the model's vocabulary is padded past the tokenizer's: never emit those ids
+        allowed = jnp.arange(logits.shape[-1]) < cfg.vocab_limit
+        logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     if cfg.temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
     else:
-        logits = logits / cfg.temperature
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
         token = jax.random.categorical(key, _filter_logits(logits, cfg), axis=-1)
     return token.astype(jnp.int32), jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 

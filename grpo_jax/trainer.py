@@ -62,6 +62,7 @@ class GRPOConfig:
     stop_tokens: tuple[int, ...] = ()
     pad_id: int = 0
     prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    vocab_limit: int = 0  # sample only ids below it (the tokenizer's size), 0 for the whole vocabulary
     # Updates: mu epochs over each batch, num_minibatches optimizer steps per epoch, each accumulating
     # gradients over grad_accum_steps microbatches (all counted in prompts, groups never split).
     mu: int = 1
@@ -74,6 +75,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.99
+    adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     # Loss (see grpo_jax.losses.policy_loss).
     beta: float = 0.0
@@ -127,7 +129,7 @@ class GRPOConfig:
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens, group_size=self.group_size, temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, stop_tokens=self.stop_tokens,
-            pad_id=self.pad_id, buckets=self.prompt_buckets)
+            pad_id=self.pad_id, buckets=self.prompt_buckets, vocab_limit=self.vocab_limit)
 
     def loss_options(self) -> dict[str, Any]:
         constant_normaliser = self.aggregation == "seq-mean-token-sum-norm"
@@ -207,7 +209,8 @@ def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
              optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)], [warmup])
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay),
+        optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                    weight_decay=cfg.weight_decay),
     )
     # A non-finite gradient leaves params and moments untouched and is counted in the state.
     return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)

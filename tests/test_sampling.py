@@ -185,3 +185,13 @@ def test_errors_name_the_field(model):
         sample(model, [[1, 2]], jax.random.PRNGKey(0), SamplingConfig(max_new_tokens=4, stop_tokens=(VOCAB,)))
     with pytest.raises(ValueError, match="non-empty"):
         sample(model, [[1, 2], []], jax.random.PRNGKey(0), SamplingConfig(max_new_tokens=4))
+
+
+def test_vocab_limit_keeps_samples_inside_the_tokenizer(model):
+    limit = VOCAB // 2
+    free = sample(model, PROMPTS, jax.random.PRNGKey(8), SamplingConfig(max_new_tokens=8, group_size=8))
+    assert int(free.tokens.max()) >= limit  # without the limit the model does emit such ids
+    for temperature in (1.0, 0.0):
+        cfg = SamplingConfig(max_new_tokens=8, group_size=8, temperature=temperature, vocab_limit=limit)
+        out = sample(model, PROMPTS, jax.random.PRNGKey(8), cfg)
+        assert int(out.tokens.max()) < limit

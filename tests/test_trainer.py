@@ -85,7 +85,10 @@ def fixed_batch(trainer):
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_train_step_equals_single_device(mesh_shape):
-    options = dict(beta=0.04, grad_accum_steps=2)
+    # Adam's first step is lr * g / (|g| + eps): with the default eps, float32 reduction-order noise in a
+    # near-zero gradient flips its sign. A larger eps keeps the update a continuous function of g, so the
+    # comparison below tests the sharded gradient rather than that noise.
+    options = dict(beta=0.04, grad_accum_steps=2, adam_eps=1e-3)
     single = make_trainer(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), **options)
     sharded = make_trainer(sharding.make_mesh(mesh_shape), **options)
     host = fixed_batch(single)
@@ -98,12 +101,8 @@ def test_sharded_train_step_equals_single_device(mesh_shape):
     (params_1, metrics_1), (params_n, metrics_n) = results
     assert metrics_1["loss"] == pytest.approx(metrics_n["loss"], rel=1e-4, abs=1e-6)
     assert metrics_1["grad_norm"] == pytest.approx(metrics_n["grad_norm"], rel=1e-4)
-    # Adam's first step is lr * g / (|g| + eps): for near-zero gradients, f32 reduction-order noise moves
-    # an element by a visible fraction of lr, so the bound is relative to lr (the loss and grad norm above
-    # agree to 1e-4).
-    lr = single.cfg.learning_rate
     for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_n), strict=True):
-        np.testing.assert_allclose(a, b, atol=0.05 * lr)
+        np.testing.assert_allclose(a, b, atol=1e-6)
     # The parameters really are split: FSDP over "fsdp", heads/MLP over "tensor".
     kernel = sharded.state.params["layers"][0]["mlp"]["gate"]["kernel"][...]  # [embed=32, mlp=64]
     assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")

@@ -212,7 +212,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
-        embed_init = nnx.initializers.normal(stddev=1.0)
+        # 1/sqrt(D): with tied embeddings the initial logits then have unit scale, not sqrt(D).
+        embed_init = nnx.initializers.normal(stddev=cfg.hidden_size**-0.5)
         self.embed = _param(rngs, embed_init, (cfg.vocab_size, cfg.hidden_size), cfg.param_dtype,
                             ("vocab", "embed"))
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])

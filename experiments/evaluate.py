@@ -1,0 +1,73 @@
+r"""Evaluate a trained policy: greedy accuracy, pass@k and maj@k on a split of the training task.
+
+  python experiments/evaluate.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
+  python experiments/evaluate.py --config=... --workdir=... --split=test --num_samples=16 --ks=1,4,16
+
+Pass the config the run trained with (with the same overrides): the policy is rebuilt exactly as training
+built it and the workdir's latest checkpoint is loaded into it; a workdir without one evaluates the freshly
+initialised (or imported, config.checkpoint) model. Prints one line per metric and writes
+<workdir>/eval_<split>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+from absl import app, flags, logging
+
+# Importing the training script defines --config and --workdir: evaluation reads the same two flags.
+from train_grpo import build, make_examples, make_template
+
+from grpo_jax.checkpoint import Checkpointer
+from grpo_jax.data import TokenizedDataset
+from grpo_jax.evaluation import evaluate
+
+_SPLIT = flags.DEFINE_string("split", "test", "Split of config.task to evaluate on.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 200, "The first this many examples of the split.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Samples per prompt for pass@k and maj@k.")
+_KS = flags.DEFINE_list("ks", ["1", "4", "8"], "The k of pass@k and maj@k, each <= num_samples.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of the sampled completions.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's sampling keys.")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
+    config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
+    trainer = build(config)
+    checkpoints = workdir / "checkpoints"
+    restored = False
+    if checkpoints.is_dir():  # Checkpointer would create the directory: only open one that exists
+        with Checkpointer(checkpoints) as checkpointer:
+            restored = trainer.restore(checkpointer)
+    if restored:
+        print(f"evaluating the checkpoint of step {trainer.step} in {checkpoints}")
+    else:
+        source = config.checkpoint or "random initialisation"
+        print(f"no checkpoint in {checkpoints}: evaluating the untrained model ({source})")
+
+    tokenizer = trainer.dataset.tokenizer
+    examples = make_examples(config, _SPLIT.value)
+    examples = [examples[i] for i in range(min(_NUM_EXAMPLES.value, len(examples)))]
+    buckets = trainer.cfg.prompt_buckets
+    dataset = TokenizedDataset(examples, tokenizer, make_template(config.template),
+                               max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
+    metrics = evaluate(trainer.current_model(), dataset, tokenizer,
+                       key=jax.random.key(_SEED.value),
+                       num_samples=_NUM_SAMPLES.value, ks=[int(k) for k in _KS.value],
+                       max_new_tokens=trainer.cfg.max_new_tokens, temperature=_TEMPERATURE.value,
+                       buckets=buckets)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    result = {**metrics, "step": trainer.step, "split": _SPLIT.value, "num_examples": len(dataset),
+              "num_samples": _NUM_SAMPLES.value, "temperature": _TEMPERATURE.value}
+    path = workdir / f"eval_{_SPLIT.value}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
