@@ -11,6 +11,7 @@ checkpoints/, metrics.jsonl, TensorBoard events, plots.png. Multi-host: pass --c
 from __future__ import annotations
 
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -18,8 +19,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
+from grpo_jax import evaluation, sft, sharding
 from grpo_jax import rewards as rewards_lib
-from grpo_jax import sharding
 from grpo_jax.data import (
     PLAIN,
     R1_ZERO,
@@ -101,8 +102,36 @@ def make_model(config, tokenizer: Tokenizer) -> Transformer:
     return model
 
 
-def build(config):
-    """Everything a run needs, checked before any expensive work starts."""
+def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer,
+                          grpo: GRPOConfig) -> Transformer:
+    """Cold start: supervised training on "answer<eos>" completions until held-out greedy accuracy reaches
+    config.warm_start.threshold (or config.warm_start.steps steps), so GRPO starts with reward signal."""
+    ws = config.warm_start
+    held_out = TokenizedDataset([make_examples(config, "test")[i] for i in range(ws.eval_examples)],
+                                tokenizer, make_template(config.template))
+
+    def greedy_accuracy(m):
+        return evaluation.evaluate(m, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=1,
+                                   ks=(1,), max_new_tokens=grpo.max_new_tokens,
+                                   buckets=grpo.prompt_buckets)["greedy_accuracy"]
+
+    def target(example):
+        return tokenizer.encode(example["answer"]) + [tokenizer.eos_id]
+
+    start = time.time()
+    model, history = sft.warm_start(
+        model, dataset, target, steps=ws.steps, batch_size=ws.batch_size, learning_rate=ws.learning_rate,
+        max_target_tokens=grpo.max_new_tokens, buckets=grpo.prompt_buckets, pad_id=tokenizer.pad_id,
+        evaluate=greedy_accuracy, threshold=ws.threshold, eval_every=ws.eval_every, seed=config.seed)
+    print(f"warm start: {history[-1]['step']} steps in {time.time() - start:.0f} s, loss "
+          f"{history[-1]['loss']:.3f}, held-out greedy accuracy {history[-1].get('eval', float('nan')):.3f}",
+          flush=True)
+    return model
+
+
+def build(config, *, warm_start: bool = False):
+    """Everything a run needs, checked before any expensive work starts; with `warm_start`, the model is
+    first trained supervised (config.warm_start) before GRPO."""
     tokenizer = load_tokenizer(config.tokenizer)
     grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
@@ -120,7 +149,10 @@ def build(config):
         raise ValueError(f"the largest prompt bucket {max(grpo.prompt_buckets)} + max_new_tokens="
                          f"{grpo.max_new_tokens} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}.")
-    return Trainer(model, grpo, dataset, make_reward_fn(config, tokenizer), mesh=mesh)
+    reward_fn = make_reward_fn(config, tokenizer)
+    if warm_start and config.warm_start.steps:
+        model = supervised_warm_start(config, model, dataset, tokenizer, grpo)
+    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh)
 
 
 def main(argv) -> None:
@@ -130,7 +162,9 @@ def main(argv) -> None:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value)
-    trainer = build(config)
+    # The warm start is part of a fresh run only: a resumed run restores its GRPO checkpoint instead.
+    fresh = not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir())
+    trainer = build(config, warm_start=fresh)
     train(trainer, workdir, config.num_steps, checkpoint_every=config.checkpoint_every,
           log_every=config.log_every)
     if jax.process_index() == 0:

@@ -28,12 +28,23 @@ def config(**overrides):
 
 def test_default_config_builds_a_trainer():
     trainer = train_grpo.build(config())
-    assert trainer.cfg.stop_tokens == (1,) and trainer.cfg.total_steps == 30
+    assert trainer.cfg.stop_tokens == (1,) and trainer.cfg.total_steps == 200
     example = trainer.dataset[0]
     assert example["prompt_text"].startswith("What is ") and len(example["prompt_tokens"]) <= 32
     rewards, metrics = trainer.reward_fn([example, example], [[], trainer.dataset.tokenizer.encode(
         example["answer"])])
     assert list(rewards) == [0.0, 1.0] and "accuracy" in metrics
+
+
+def test_warm_start_trains_the_model_before_grpo(capsys):
+    overrides = {"warm_start.steps": 3, "warm_start.eval_every": 1, "warm_start.threshold": 2.0,
+                 "warm_start.eval_examples": 8}
+    plain = train_grpo.build(config(**overrides))
+    warmed = train_grpo.build(config(**overrides), warm_start=True)
+    assert "warm start: 3 steps" in capsys.readouterr().out  # an unreachable threshold: the step budget
+    before = plain.state.params["layers"][0]["mlp"]["up"]["kernel"][...]
+    after = warmed.state.params["layers"][0]["mlp"]["up"]["kernel"][...]
+    assert float(abs(before - after).max()) > 0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -53,7 +64,7 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
          f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
-         "--config.num_steps=2", "--config.grpo.num_prompts=4"],
+         "--config.num_steps=2", "--config.grpo.num_prompts=4", "--config.warm_start.steps=0"],
         capture_output=True, text=True, timeout=600,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one CPU device, as for a user
     assert done.returncode == 0, done.stderr[-3000:]

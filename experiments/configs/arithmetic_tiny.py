@@ -10,8 +10,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.num_steps = 30
-    config.checkpoint_every = 10
+    config.num_steps = 200
+    config.checkpoint_every = 25
     config.log_every = 1
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
 
@@ -28,8 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
         vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
         max_position_embeddings=128, tie_word_embeddings=True))
 
+    # Supervised cold start on "answer<eos>" completions, stopped once held-out greedy accuracy reaches the
+    # threshold: GRPO then starts from a partially competent policy that gets reward signal.
+    config.warm_start = ml_collections.ConfigDict(dict(
+        steps=2000, batch_size=64, learning_rate=3e-3, threshold=0.15, eval_every=50, eval_examples=200))
+
     config.grpo = ml_collections.ConfigDict(dict(
-        num_prompts=16, group_size=8, max_new_tokens=8, temperature=1.0, learning_rate=3e-3,
+        num_prompts=64, group_size=8, max_new_tokens=8, temperature=1.0, learning_rate=1e-3,
         warmup_steps=0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
         aggregation="token-mean", prompt_buckets=(16, 32)))
     return config
