@@ -117,7 +117,7 @@ def evaluate(
         greedy_answers = _answers(sample(model, prompts, greedy_key, greedy_cfg), tokenizer)
         sampled_answers = _answers(sample(model, prompts, sample_key, sample_cfg), tokenizer)
         for i, example in enumerate(examples):
-            reference = rewards._reference_value(example["answer"], start + i)  # as accuracy_reward reads it
+            reference = rewards.reference_value(example["answer"], start + i)  # as accuracy_reward reads it
             greedy.append(float(greedy_answers[i] == reference))
             answers = sampled_answers[i * num_samples:(i + 1) * num_samples]
             num_correct = sum(answer == reference for answer in answers)

@@ -139,7 +139,7 @@ def extract_answer(text: str) -> Fraction | None:
     return _last_number(text)
 
 
-def _reference_value(reference: Any, index: int) -> Fraction:
+def reference_value(reference: Any, index: int) -> Fraction:
     if isinstance(reference, Rational):
         return Fraction(reference)
     if isinstance(reference, Real) and math.isfinite(reference):
@@ -161,7 +161,7 @@ def accuracy_reward(prompts: Sequence[str], completions: Sequence[str], answer: 
     `answer` holds one reference per completion: a number, or text such as "72" or "... #### 72".
     """
     _check_aligned("answer", answer, len(completions))
-    return [float(extract_answer(completion) == _reference_value(reference, i))
+    return [float(extract_answer(completion) == reference_value(reference, i))
             for i, (completion, reference) in enumerate(zip(completions, answer, strict=True))]
 
 
