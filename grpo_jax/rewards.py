@@ -140,6 +140,8 @@ def extract_answer(text: str) -> Fraction | None:
 
 
 def reference_value(reference: Any, index: int) -> Fraction:
+    """A reference answer (number, "72", "3/4" or a GSM8K solution ending "#### 72") as an exact Fraction;
+    a ValueError naming `answer[index]` when it holds no number."""
     if isinstance(reference, Rational):
         return Fraction(reference)
     if isinstance(reference, Real) and math.isfinite(reference):
