@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.num_steps = 200
+    config.num_steps = 350
     config.checkpoint_every = 25
     config.log_every = 1
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
