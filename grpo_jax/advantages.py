@@ -159,7 +159,12 @@ def process_advantages(
     return jnp.flip(jnp.cumsum(jnp.flip(normalised, axis=1), axis=1), axis=1)
 
 
+def group_has_signal(rewards: chex.Array, group_size: int) -> jax.Array:
+    """`[num_prompts]` bool: the group has >= 2 finite rewards that differ, so it carries a gradient."""
+    grouped = _split_groups(jnp.asarray(rewards, jnp.float32), group_size, "rewards")
+    return _has_signal(grouped, jnp.isfinite(grouped))[:, 0]
+
+
 def zero_variance_fraction(rewards: chex.Array, group_size: int) -> jax.Array:
     """Fraction of groups whose valid rewards are all equal (they contribute no gradient)."""
-    grouped = _split_groups(jnp.asarray(rewards, jnp.float32), group_size, "rewards")
-    return 1.0 - _has_signal(grouped, jnp.isfinite(grouped)).mean()
+    return 1.0 - group_has_signal(rewards, group_size).mean()

@@ -256,15 +256,15 @@ def _to_json_value(name: str, value: Any) -> int | float | None:
     array = np.asarray(value)
     if array.ndim == 0 and array.dtype.kind in "biu":
         return int(array)
+    not_scalar = ValueError(f"metrics[{name!r}] = {value!r} (shape {array.shape}, dtype {array.dtype}) is "
+                            "not a real scalar; log a scalar such as its mean.")
     if array.ndim == 0 and array.dtype.kind in "fV":  # "V": ml_dtypes floats such as bfloat16.
         try:
             number = float(array.astype(np.float64))
-        except (TypeError, ValueError):
-            pass
-        else:
-            return number if math.isfinite(number) else None
-    raise ValueError(f"metrics[{name!r}] = {value!r} (shape {array.shape}, dtype {array.dtype}) is not a "
-                     f"real scalar; log a scalar such as its mean.")
+        except (TypeError, ValueError) as error:
+            raise not_scalar from error
+        return number if math.isfinite(number) else None
+    raise not_scalar
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -182,12 +182,6 @@ def overlong_penalty(lengths: np.ndarray, max_length: int, buffer: int) -> np.nd
     return np.where(lengths > max_length, -1.0, penalty).astype(np.float32)
 
 
-def _has_signal(rewards: np.ndarray) -> bool:
-    """A group carries gradient signal when at least two finite rewards differ."""
-    finite = rewards[np.isfinite(rewards)]
-    return finite.size >= 2 and finite.max() > finite.min()
-
-
 class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
@@ -366,12 +360,13 @@ class Trainer:
             for k, v in rollout["reward_metrics"].items():
                 if k not in per_row:
                     call_metrics[k] = call_metrics.get(k, 0.0) + float(np.sum(v))
+            has_signal = np.asarray(advantages_lib.group_has_signal(rollout["rewards"], cfg.group_size))
             for i, example in enumerate(rollout["examples"]):
                 rows = slice(i * cfg.group_size, (i + 1) * cfg.group_size)
                 group = {k: rollout[k][rows] for k in _ROW_FIELDS}
                 group["reward_metrics"] = {k: v[rows] for k, v in per_row.items()}
                 group["example"] = example
-                group["informative"] = _has_signal(group["rewards"])
+                group["informative"] = bool(has_signal[i])
                 groups.append(group)
             if not cfg.dynamic_sampling:
                 break
