@@ -4,12 +4,15 @@ r"""Train a policy with GRPO: an ml_collections config file plus a workdir.
   python experiments/train_grpo.py --config=... --workdir=... --config.grpo.beta=0.04   # any field
 
 Running the same command again resumes from the workdir's latest checkpoint. Outputs in the workdir:
-checkpoints/, metrics.jsonl, TensorBoard events, plots.png. Multi-host: pass --coordinator_address,
---num_processes and --process_id (TPU pods need none of them, only --distributed).
+checkpoints/, metrics.jsonl, TensorBoard events, plots.png, samples.jsonl (a few completions every
+config.sample_every steps) and accuracy.json (held-out greedy accuracy when GRPO started and at the end).
+Multi-host: pass --coordinator_address, --num_processes and --process_id (TPU pods need none of
+them, only --distributed).
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import time
 
@@ -102,18 +105,22 @@ def make_model(config, tokenizer: Tokenizer) -> Transformer:
     return model
 
 
+def held_out_accuracy(config, model: Transformer, tokenizer: Tokenizer, grpo: GRPOConfig) -> float:
+    """Greedy accuracy on the first config.eval_examples problems of the task's test split."""
+    examples = make_examples(config, "test")
+    held_out = TokenizedDataset([examples[i] for i in range(min(config.eval_examples, len(examples)))],
+                                tokenizer, make_template(config.template),
+                                max_prompt_tokens=min(config.max_prompt_tokens, max(grpo.prompt_buckets)))
+    return evaluation.evaluate(model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=1,
+                               ks=(1,), max_new_tokens=grpo.max_new_tokens,
+                               buckets=grpo.prompt_buckets)["greedy_accuracy"]
+
+
 def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer,
                           grpo: GRPOConfig) -> Transformer:
     """Cold start: supervised training on "answer<eos>" completions until held-out greedy accuracy reaches
     config.warm_start.threshold (or config.warm_start.steps steps), so GRPO starts with reward signal."""
     ws = config.warm_start
-    held_out = TokenizedDataset([make_examples(config, "test")[i] for i in range(ws.eval_examples)],
-                                tokenizer, make_template(config.template))
-
-    def greedy_accuracy(m):
-        return evaluation.evaluate(m, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=1,
-                                   ks=(1,), max_new_tokens=grpo.max_new_tokens,
-                                   buckets=grpo.prompt_buckets)["greedy_accuracy"]
 
     def target(example):
         return tokenizer.encode(example["answer"]) + [tokenizer.eos_id]
@@ -122,7 +129,8 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
     model, history = sft.warm_start(
         model, dataset, target, steps=ws.steps, batch_size=ws.batch_size, learning_rate=ws.learning_rate,
         max_target_tokens=grpo.max_new_tokens, buckets=grpo.prompt_buckets, pad_id=tokenizer.pad_id,
-        evaluate=greedy_accuracy, threshold=ws.threshold, eval_every=ws.eval_every, seed=config.seed)
+        evaluate=lambda m: held_out_accuracy(config, m, tokenizer, grpo), threshold=ws.threshold,
+        eval_every=ws.eval_every, seed=config.seed)
     print(f"warm start: {history[-1]['step']} steps in {time.time() - start:.0f} s, loss "
           f"{history[-1]['loss']:.3f}, held-out greedy accuracy {history[-1].get('eval', float('nan')):.3f}",
           flush=True)
@@ -165,16 +173,31 @@ def main(argv) -> None:
     # The warm start is part of a fresh run only: a resumed run restores its GRPO checkpoint instead.
     fresh = not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir())
     trainer = build(config, warm_start=fresh)
+    tokenizer = trainer.dataset.tokenizer
+    start_file = workdir / "accuracy_at_grpo_start.json"
+    if config.eval_examples and (fresh or not start_file.exists()):
+        start = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            start_file.write_text(json.dumps({"greedy_accuracy": start, "step": trainer.step}) + "\n")
     train(trainer, workdir, config.num_steps, checkpoint_every=config.checkpoint_every,
-          log_every=config.log_every)
-    if jax.process_index() == 0:
-        records = read_jsonl(workdir / "metrics.jsonl")
-        keys = [k for k in ("reward_mean", "reward/accuracy", "kl", "completion_length_mean")
-                if any(k in r for r in records)]
-        plot_metrics(records, keys, workdir / "plots.png")
-        first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
-        print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
-              f"{workdir / 'plots.png'}")
+          log_every=config.log_every, sample_every=config.sample_every)
+    if jax.process_index() != 0:
+        return
+    records = read_jsonl(workdir / "metrics.jsonl")
+    keys = [k for k in ("reward_mean", "reward/accuracy", "kl", "completion_length_mean")
+            if any(k in r for r in records)]
+    plot_metrics(records, keys, workdir / "plots.png")
+    first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
+    print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
+          f"{workdir / 'plots.png'}")
+    if config.eval_examples:
+        start = json.loads(start_file.read_text())["greedy_accuracy"]
+        end = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+        (workdir / "accuracy.json").write_text(json.dumps(
+            {"start": start, "end": end, "step": trainer.step, "examples": config.eval_examples}) + "\n")
+        print(f"held-out greedy accuracy on {config.eval_examples} test problems: {start:.1%} when GRPO "
+              f"started -> {end:.1%} after {trainer.step} steps ({100 * (end - start):+.1f} points)")
 
 
 if __name__ == "__main__":

@@ -427,6 +427,7 @@ class Trainer:
         sample_key, shuffle_key = jax.random.split(step_key)
         self._timings = timings = {"time_sampling": 0.0, "time_rewards": 0.0}
         host, info = self._collect(sample_key)
+        self.last_rollout = host
 
         start = time.perf_counter()
         batch = self._device_batch(host)
@@ -514,12 +515,35 @@ class Trainer:
         return metrics
 
 
+def sample_records(trainer: Trainer, decode: Callable[[Sequence[int]], str], *, num_prompts: int = 2,
+                   per_prompt: int = 2) -> list[dict[str, Any]]:
+    """A few completions of the latest iteration as `{step, prompt, completion, reward}` records: the first
+    `per_prompt` completions of each of its first `num_prompts` groups."""
+    host, g = trainer.last_rollout, trainer.cfg.group_size
+    records = []
+    for i, example in enumerate(host["examples"][:num_prompts]):
+        for row in range(i * g, i * g + min(per_prompt, g)):
+            completion = decode(host["tokens"][row][host["mask"][row]].tolist())
+            prompt = example.get("prompt_text") or decode(example["prompt_tokens"])
+            records.append(dict(step=trainer.step, prompt=prompt, completion=completion,
+                                reward=float(host["rewards"][row])))
+    return records
+
+
 def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, checkpoint_every: int = 10,
-          log_every: int = 1, print_fn: Callable[[str], object] = print) -> list[dict[str, float]]:
+          log_every: int = 1, sample_every: int = 0, decode: Callable[[Sequence[int]], str] | None = None,
+          print_fn: Callable[[str], object] = print) -> list[dict[str, float]]:
     """Run `trainer` to `num_steps`, resuming from `workdir`'s latest checkpoint: running the same command
     again after a crash continues where the last checkpoint left off. Writes `workdir/checkpoints/`,
-    `workdir/metrics.jsonl` and TensorBoard events (from process 0). Returns this call's step metrics."""
+    `workdir/metrics.jsonl` and TensorBoard events (from process 0); with `sample_every`, also a few
+    completions every that many steps (and at the first) to `workdir/samples.jsonl` and the console,
+    decoded by `decode` (default: the dataset's tokenizer). Returns this call's step metrics."""
     workdir = pathlib.Path(workdir)
+    if sample_every and decode is None:
+        tokenizer = getattr(trainer.dataset, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("train(sample_every=...) needs decode= (the dataset has no .tokenizer).")
+        decode = tokenizer.decode
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     if trainer.restore(checkpointer):
         print_fn(f"resumed from {workdir / 'checkpoints'} at step {trainer.step}")
@@ -532,6 +556,13 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
             history.append(metrics)
             if writer is not None:
                 writer.write(trainer.step, metrics)
+                if sample_every and (trainer.step % sample_every == 0 or trainer.step == 1):
+                    records = sample_records(trainer, decode)
+                    with open(workdir / "samples.jsonl", "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in records)
+                    first = records[0]
+                    print_fn(f"sample at step {trainer.step}: {first['prompt']!r} -> {first['completion']!r} "
+                             f"(reward {first['reward']:.3g})")
             if trainer.step % checkpoint_every == 0 or trainer.step == num_steps:
                 trainer.save(checkpointer)
     finally:

@@ -38,7 +38,7 @@ def test_default_config_builds_a_trainer():
 
 def test_warm_start_trains_the_model_before_grpo(capsys):
     overrides = {"warm_start.steps": 3, "warm_start.eval_every": 1, "warm_start.threshold": 2.0,
-                 "warm_start.eval_examples": 8}
+                 "eval_examples": 8}
     plain = train_grpo.build(config(**overrides))
     warmed = train_grpo.build(config(**overrides), warm_start=True)
     assert "warm start: 3 steps" in capsys.readouterr().out  # an unreachable threshold: the step budget

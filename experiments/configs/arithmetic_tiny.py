@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_steps = 350
     config.checkpoint_every = 25
     config.log_every = 1
+    config.sample_every = 50  # print and keep (samples.jsonl) a few completions every this many steps
+    config.eval_examples = 200  # held-out problems for the greedy accuracy before and after GRPO
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
 
     config.task = "arithmetic"  # arithmetic | countdown | gsm8k | jsonl
@@ -31,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Supervised cold start on "answer<eos>" completions, stopped once held-out greedy accuracy reaches the
     # threshold: GRPO then starts from a partially competent policy that gets reward signal.
     config.warm_start = ml_collections.ConfigDict(dict(
-        steps=2000, batch_size=64, learning_rate=3e-3, threshold=0.15, eval_every=50, eval_examples=200))
+        steps=2000, batch_size=64, learning_rate=3e-3, threshold=0.15, eval_every=50))
 
     config.grpo = ml_collections.ConfigDict(dict(
         num_prompts=64, group_size=8, max_new_tokens=8, temperature=1.0, learning_rate=1e-3,
