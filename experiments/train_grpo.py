@@ -94,9 +94,21 @@ def make_reward_fn(config, tokenizer: Tokenizer):
     return reward_fn
 
 
+def make_tokenizer(config) -> Tokenizer:
+    """config.tokenizer: "char", a Hugging Face directory, or "" for config.checkpoint's own tokenizer."""
+    spec = config.tokenizer or config.checkpoint
+    if not spec:
+        raise ValueError("config.tokenizer and config.checkpoint are both empty; pass "
+                         "--config.checkpoint=/path/to/a/hugging/face/model (a local directory) or "
+                         "--config.tokenizer=char.")
+    return load_tokenizer(spec)
+
+
 def make_model(config, tokenizer: Tokenizer) -> Transformer:
+    """config.checkpoint's model with config.model's fields overriding its config.json (dtypes, remat), or
+    without a checkpoint a randomly initialised ModelConfig(**config.model)."""
     if config.checkpoint:
-        model = load_hf_checkpoint(config.checkpoint)
+        model = load_hf_checkpoint(config.checkpoint, **config.model)
     else:
         model = Transformer(ModelConfig(**config.model), nnx.Rngs(config.seed))
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -140,7 +152,7 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
 def build(config, *, warm_start: bool = False):
     """Everything a run needs, checked before any expensive work starts; with `warm_start`, the model is
     first trained supervised (config.warm_start) before GRPO."""
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = make_tokenizer(config)
     grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
                          "seed": config.seed})

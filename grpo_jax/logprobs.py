@@ -18,10 +18,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from grpo_jax._numerics import einsum_f32
+
 
 def _chunk_logits(hidden: jax.Array, unembedding: jax.Array, temperature: float) -> jax.Array:
     """`[B, C, D] x [D, V] -> [B, C, V]` float32 logits / temperature."""
-    logits = jnp.einsum("bcd,dv->bcv", hidden, unembedding, preferred_element_type=jnp.float32)
+    logits = einsum_f32("bcd,dv->bcv", hidden, unembedding)
     return logits / temperature
 
 
@@ -69,8 +71,8 @@ def _scan_backward(temperature, with_entropy, residuals, cotangents):
         if with_entropy:
             d_logits -= g_ent[..., None] * probs * (log_p + ent_c[..., None])
         d_logits = d_logits / temperature
-        d_hidden = jnp.einsum("bcv,dv->bcd", d_logits, unembedding, preferred_element_type=jnp.float32)
-        d_unembedding += jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        d_hidden = einsum_f32("bcv,dv->bcd", d_logits, unembedding)
+        d_unembedding += einsum_f32("bcd,bcv->dv", h, d_logits)
         return d_unembedding, d_hidden.astype(h.dtype)
 
     d_unembedding = jnp.zeros(unembedding.shape, jnp.float32)

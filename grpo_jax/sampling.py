@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grpo_jax._numerics import einsum_f32
 from grpo_jax.models.transformer import (
     Cache,
     Prefix,
@@ -150,7 +151,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, cfg: SamplingCon
     hidden, prompt_kv = model(prompt_tokens, positions_from_mask(prompt_mask), causal_mask(prompt_mask))
     prefix = Prefix(prompt_kv, prompt_mask)
     unembedding = model.unembedding()
-    first_logits = jnp.dot(hidden[:, -1], unembedding, preferred_element_type=jnp.float32)  # [N, V]
+    first_logits = einsum_f32("nd,dv->nv", hidden[:, -1], unembedding)  # [N, V]
     start = jnp.repeat(prompt_mask.sum(axis=1), cfg.group_size)[:, None]  # [B, 1] first completion position
 
     def cond(s: _DecodeState):
@@ -166,7 +167,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, cfg: SamplingCon
         cache_mask = s.cache.mask.at[:, s.step].set(~s.done)
         cache = Cache(s.cache.kv, cache_mask, s.step)
         hidden, kv = model(token[:, None], start + s.step, cache_mask[:, None, :], cache=cache, prefix=prefix)
-        logits = jnp.dot(hidden[:, 0], unembedding, preferred_element_type=jnp.float32)
+        logits = einsum_f32("bd,dv->bv", hidden[:, 0], unembedding)
         return _DecodeState(
             step=s.step + 1,
             logits=shard(logits),

@@ -561,7 +561,8 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
                     with open(workdir / "samples.jsonl", "a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in records)
                     first = records[0]
-                    print_fn(f"sample at step {trainer.step}: {first['prompt']!r} -> {first['completion']!r} "
+                    prompt = first["prompt"] if len(first["prompt"]) <= 80 else "..." + first["prompt"][-77:]
+                    print_fn(f"sample at step {trainer.step}: {prompt!r} -> {first['completion']!r} "
                              f"(reward {first['reward']:.3g})")
             if trainer.step % checkpoint_every == 0 or trainer.step == num_steps:
                 trainer.save(checkpointer)

@@ -1,6 +1,8 @@
 """The GRPO trainer: shared-prefix log-probs, sharded train step, beta/mu/dynamic sampling/overlong/reference
 options, non-finite updates."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,11 +30,12 @@ def reward_fraction_of_target(examples, completions):
     return rewards, {"target_share": rewards}
 
 
-def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, dataset=None, **overrides):
+def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, dataset=None, model_config=MODEL,
+                 **overrides):
     fields = dict(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=3e-3, prompt_buckets=(8,),
                   stop_tokens=(1,))
     cfg = GRPOConfig(**{**fields, **overrides})
-    model = Transformer(MODEL, nnx.Rngs(model_seed))
+    model = Transformer(model_config, nnx.Rngs(model_seed))
     return Trainer(model, cfg, dataset or make_dataset(), reward_fn, mesh=mesh)
 
 
@@ -121,6 +124,24 @@ def test_beta_zero_runs_no_reference_and_holds_no_reference_params():
     with_ref = make_trainer(beta=0.04)
     metrics = with_ref.iteration()
     assert with_ref.counters["reference_forward"] == 1 and metrics["kl"] >= 0.0
+
+
+def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
+    """The TPU/GPU settings (bfloat16 compute, remat) through sampling, reference forward and update on CPU:
+    the same sampled tokens' log-probs as float32 within bfloat16 precision, and the same kind of update."""
+    low = make_trainer(beta=0.04, model_config=dataclasses.replace(MODEL, dtype="bfloat16", remat=True))
+    high = make_trainer(beta=0.04)
+    batch = low._device_batch(fixed_batch(low))
+    got, want = low._logprobs(low.state.params, batch), high._logprobs(high.state.params, batch)
+    mask = np.asarray(batch["completion_mask"])
+    assert got.dtype == jnp.float32 and mask.sum() > 0
+    np.testing.assert_allclose(np.where(mask, got, 0), np.where(mask, want, 0), atol=0.05)
+    low.state, step_low = low._train_step(low.state, {**batch, "ref_logprobs": got})  # donates the state
+    _, step_high = high._train_step(high.state, {**batch, "ref_logprobs": want})
+    assert float(step_low["grad_norm"]) == pytest.approx(float(step_high["grad_norm"]), rel=0.05)
+    metrics = low.iteration()  # bfloat16 sampling too
+    assert all(np.isfinite(metrics[name]) for name in ("loss", "grad_norm", "kl"))
+    assert metrics["skipped_updates"] == 0.0 and metrics["completion_length_mean"] > 0
 
 
 def test_mu_two_second_epoch_moves_ratio_and_clips():

@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_prompt_tokens = 32
     config.rewards = (("accuracy", 1.0),)  # (name, weight): accuracy | format | format_strict | language
 
-    # Randomly initialised model (ignored when config.checkpoint names a Hugging Face directory).
+    # A randomly initialised ModelConfig(**config.model); with config.checkpoint (a Hugging Face directory),
+    # these fields would override the ones of its config.json instead.
     config.checkpoint = ""
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -36,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
         steps=2000, batch_size=64, learning_rate=3e-3, threshold=0.15, eval_every=50))
 
     config.grpo = ml_collections.ConfigDict(dict(
-        num_prompts=64, group_size=8, max_new_tokens=8, temperature=1.0, learning_rate=1e-3,
+        num_prompts=32, group_size=16, max_new_tokens=8, temperature=1.0, learning_rate=1e-3,
         warmup_steps=0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
         aggregation="token-mean", prompt_buckets=(16, 32)))
     return config

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grpo_jax._numerics import einsum_f32
 from grpo_jax.models.config import ModelConfig
 
 
@@ -117,28 +118,26 @@ def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = No
     q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * repeats, head_dim)
     neg = jnp.finfo(jnp.float32).min
     visible = jnp.repeat(own_mask, repeats, axis=1)[:, None]  # [B, 1, S * R, T]
-    scores = jnp.einsum("bkqd,bktd->bkqt", q, own.k, preferred_element_type=jnp.float32)
+    scores = einsum_f32("bkqd,bktd->bkqt", q, own.k)
     scores = jnp.where(visible, scores, neg)
     top = scores.max(axis=-1, keepdims=True)
     if prefix_kv is not None:
         num_prompts = prefix_kv.k.shape[0]
         group = batch // num_prompts
         grouped_q = q.reshape(num_prompts, group, *q.shape[1:])  # [N, G, KVH, S * R, Dh]
-        prefix_scores = jnp.einsum("ngkqd,nkpd->ngkqp", grouped_q, prefix_kv.k,
-                                   preferred_element_type=jnp.float32)
+        prefix_scores = einsum_f32("ngkqd,nkpd->ngkqp", grouped_q, prefix_kv.k)
         prefix_scores = jnp.where(prefix_mask[:, None, None, None, :], prefix_scores, neg)
         top = jnp.maximum(top, prefix_scores.max(axis=-1, keepdims=True).reshape(top.shape))
     weights = jnp.where(visible, jnp.exp(scores - top), 0.0)
     total = weights.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bkqt,bktd->bkqd", weights.astype(own.v.dtype), own.v,
-                     preferred_element_type=jnp.float32)
+    out = einsum_f32("bkqt,bktd->bkqd", weights.astype(own.v.dtype), own.v)
     if prefix_kv is not None:
         grouped_top = top.reshape(num_prompts, group, *top.shape[1:])
         prefix_weights = jnp.where(prefix_mask[:, None, None, None, :], jnp.exp(prefix_scores - grouped_top),
                                    0.0)
         total += prefix_weights.sum(axis=-1, keepdims=True).reshape(total.shape)
-        out += jnp.einsum("ngkqp,nkpd->ngkqd", prefix_weights.astype(prefix_kv.v.dtype), prefix_kv.v,
-                          preferred_element_type=jnp.float32).reshape(out.shape)
+        out += einsum_f32("ngkqp,nkpd->ngkqd", prefix_weights.astype(prefix_kv.v.dtype),
+                          prefix_kv.v).reshape(out.shape)
     out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)  # no visible key: 0 / tiny = 0
     out = out.reshape(batch, kv_heads, length, repeats, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
@@ -249,7 +248,9 @@ class Transformer(nnx.Module):
           (hidden `[B, S, D]` after the final norm, per-layer KV: the updated cache, or the call's own).
         """
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
-        block_fn = nnx.remat(_run_block) if self.config.remat else _run_block
+        # Remat serves the backward pass; decoding with a cache (inside the sampler's while_loop, whose body
+        # closes over these params) has none.
+        block_fn = nnx.remat(_run_block) if self.config.remat and cache is None else _run_block
         kvs = []
         for i, block in enumerate(self.layers):
             x, kv = block_fn(
@@ -283,4 +284,4 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache
 def forward_logits(model: Transformer, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
     """Plain full-vocabulary logits `[B, S, V]` of left-padded rows; for tests and small models."""
     hidden, _ = model(tokens, positions_from_mask(token_mask), causal_mask(token_mask))
-    return jnp.einsum("bsd,dv->bsv", hidden, model.unembedding(), preferred_element_type=jnp.float32)
+    return einsum_f32("bsd,dv->bsv", hidden, model.unembedding())

@@ -1,0 +1,45 @@
+r"""Countdown (TinyZero) with GRPO from a Qwen2.5 base model, for one TPU/GPU host.
+
+  python experiments/train_grpo.py --config=experiments/configs/countdown_qwen.py \
+      --config.checkpoint=/path/to/Qwen2.5-3B --workdir=/tmp/grpo_countdown
+
+--config.checkpoint is a local Hugging Face directory of a Qwen2.5 base model (TinyZero used Qwen2.5-3B;
+0.5B and 1.5B fit smaller hosts); nothing is downloaded. Problems are generated on the fly: reach the target
+with + - * / using each of 3 numbers once. The R1-Zero template asks for <think>...</think> then the equation
+in <answer>...</answer>; the reward is TinyZero's: 1 for a correct equation, plus a small format reward.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_steps = 300
+    config.checkpoint_every = 50
+    config.log_every = 1
+    config.sample_every = 25
+    config.eval_examples = 500
+    config.mesh_shape = "1,-1,1"  # FSDP: params and optimizer state sharded over all devices
+
+    config.task = "countdown"
+    config.task_args = ml_collections.ConfigDict(dict(num_numbers=3, max_target=100, max_number=100,
+                                                      size=100_000))
+    config.template = "r1_zero"
+    config.tokenizer = ""  # "": the checkpoint directory's tokenizer
+    config.max_prompt_tokens = 256
+    config.rewards = (("equation", 1.0), ("format", 0.1))
+
+    config.checkpoint = ""  # required: a local Hugging Face checkpoint directory (Qwen2.5 base)
+    # With a checkpoint, config.model overrides fields of the ModelConfig read from its config.json.
+    config.model = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat=True))
+
+    config.warm_start = ml_collections.ConfigDict(dict(
+        steps=0, batch_size=16, learning_rate=1e-5, threshold=1.0, eval_every=100))  # R1-Zero: none
+
+    config.grpo = ml_collections.ConfigDict(dict(
+        num_prompts=32, group_size=8, max_new_tokens=512, temperature=1.0, learning_rate=1e-6,
+        lr_schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, beta=0.001,
+        kl_estimator="k3", epsilon=0.2, mu=1, num_minibatches=2, grad_accum_steps=2,
+        aggregation="seq-mean-token-mean", prompt_buckets=(128, 256)))
+    return config

@@ -1,0 +1,45 @@
+r"""GRPO on GSM8K from Qwen2.5-0.5B-Instruct, for one TPU/GPU host (sizes as in DeepSeekMath's GRPO, scaled).
+
+  python experiments/train_grpo.py --config=experiments/configs/gsm8k_qwen2_5_0_5b.py \
+      --config.checkpoint=/path/to/Qwen2.5-0.5B-Instruct --workdir=/tmp/grpo_gsm8k
+
+--config.checkpoint is a local Hugging Face directory (config.json, *.safetensors, tokenizer.json,
+tokenizer_config.json); nothing is downloaded. GSM8K comes from tensorflow-datasets (prepared on first use;
+--config.task_args.data_dir=... to choose where). Completions follow the DeepSeek-R1 format
+<think>...</think><answer>...</answer>, asked for in the system prompt; the reward is accuracy plus a small
+format reward. Multi-device: --config.mesh_shape=1,-1,1 shards params and optimizer state FSDP-style.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_steps = 500
+    config.checkpoint_every = 50
+    config.log_every = 1
+    config.sample_every = 25
+    config.eval_examples = 500
+    config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
+
+    config.task = "gsm8k"
+    config.task_args = ml_collections.ConfigDict({"data_dir": None})
+    config.template = "chat"  # the tokenizer's chat template, with the R1 reasoning instructions as system
+    config.tokenizer = ""  # "": the checkpoint directory's tokenizer
+    config.max_prompt_tokens = 256
+    config.rewards = (("accuracy", 1.0), ("format", 0.2))
+
+    config.checkpoint = ""  # required: a local Hugging Face checkpoint directory of Qwen2.5-0.5B-Instruct
+    # With a checkpoint, config.model overrides fields of the ModelConfig read from its config.json.
+    config.model = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat=True))
+
+    config.warm_start = ml_collections.ConfigDict(dict(
+        steps=0, batch_size=16, learning_rate=1e-5, threshold=1.0, eval_every=100))  # instruct: none
+
+    config.grpo = ml_collections.ConfigDict(dict(
+        num_prompts=32, group_size=16, max_new_tokens=512, temperature=1.0, learning_rate=1e-6,
+        lr_schedule="constant", warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0, beta=0.04,
+        kl_estimator="k3", epsilon=0.2, mu=1, num_minibatches=2, grad_accum_steps=4,
+        aggregation="seq-mean-token-mean", prompt_buckets=(128, 256)))
+    return config
