@@ -1,17 +1,27 @@
 """The experiment entry point: configs build, fail fast with clear messages, and a short run works."""
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import train_grpo  # noqa: E402
-from configs import arithmetic_tiny  # noqa: E402
+from configs import arithmetic_tiny, countdown_qwen, gsm8k_qwen2_5_0_5b  # noqa: E402
+
+from grpo_jax.models import load_hf_checkpoint  # noqa: E402
+from grpo_jax.tokenizers import HFTokenizer  # noqa: E402
+from grpo_jax.trainer import train  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 
 def config(**overrides):
@@ -72,3 +82,98 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     assert (tmp_path / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "checkpoints" / "2").is_dir()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+
+def test_shortened_default_run_learns(tmp_path):
+    """README's main command cut to 50 GRPO steps (warm start as shipped): the reward rises, and so does the
+    held-out greedy accuracy the run reports."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
+         f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
+         "--config.seed=2", "--config.num_steps=50", "--config.checkpoint_every=50"],
+        capture_output=True, text=True, timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward_mean"] for line in lines]
+    assert len(rewards) == 50
+    assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.05, rewards
+    accuracy = json.loads((tmp_path / "accuracy.json").read_text())
+    assert accuracy["end"] > accuracy["start"], accuracy
+    assert "held-out greedy accuracy on 200 test problems" in done.stdout
+    assert "sample at step 50:" in done.stdout
+
+# ------------------------------------------------------------------------- Hugging Face checkpoint configs
+
+
+@pytest.fixture
+def tiny_qwen(tmp_path):
+    """A randomly initialised Qwen2 checkpoint (Qwen2.5's architecture: GQA, q/k/v biases, tied embeddings)
+    scaled down to 2 layers of width 32, with a byte-level BPE tokenizer and a ChatML chat template."""
+    directory = tmp_path / "tiny-qwen2"
+    directory.mkdir()
+    for source in ("qwen2/config.json", "qwen2/model.safetensors", "tokenizer/tokenizer.json",
+                   "tokenizer/tokenizer_config.json"):
+        (directory / pathlib.Path(source).name).write_bytes((FIXTURES / source).read_bytes())
+    return directory
+
+
+def scaled_down(module, checkpoint):
+    """The config as shipped (bfloat16 compute, remat, mesh, rewards, template) at CPU-test sizes, over the
+    test session's 8 CPU devices."""
+    cfg = module.get_config()
+    cfg.unlock()
+    cfg.checkpoint = str(checkpoint)
+    cfg.model.max_position_embeddings = 1024  # the fixture's 128 cannot hold the R1 instructions
+    cfg.max_prompt_tokens = 512
+    cfg.eval_examples = 2
+    cfg.grpo.update(prompt_buckets=(512,), max_new_tokens=12, num_prompts=8, group_size=2,
+                    num_minibatches=1, grad_accum_steps=1)
+    return cfg
+
+
+GSM8K_RECORDS = {
+    "train": [{"question": b"Tom has 3 apples and buys 4 more. How many apples does he have?",
+               "answer": b"3 + 4 = <<3+4=7>>7\n#### 7"},
+              {"question": b"A box holds 6 eggs. How many eggs are in 5 boxes?",
+               "answer": b"6 * 5 = <<6*5=30>>30\n#### 30"}],
+    "test": [{"question": b"What is 10 - 1?", "answer": b"#### 9"},
+             {"question": b"Sam reads 12 pages a day for 2 days. How many pages?", "answer": b"#### 24"}],
+}
+
+
+@pytest.mark.parametrize("module, rewards, prompt_text", [
+    (countdown_qwen, ("reward/equation", "reward/format"), "Using the numbers"),
+    (gsm8k_qwen2_5_0_5b, ("reward/accuracy", "reward/format"), "<|im_start|>system"),
+])
+def test_hf_configs_train_from_a_scaled_down_random_checkpoint(tiny_qwen, tmp_path, module, rewards,
+                                                                prompt_text):
+    cfg = scaled_down(module, tiny_qwen)
+    as_data_source = lambda builder, split, **kwargs: GSM8K_RECORDS[split]  # noqa: E731
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
+        trainer = train_grpo.build(cfg)
+        # The checkpoint's weights, not a fresh initialisation; computed in bfloat16 with remat as shipped.
+        imported = load_hf_checkpoint(tiny_qwen)
+        np.testing.assert_array_equal(trainer.state.params["embed"][...], imported.embed[...])
+        assert trainer.model_config.dtype == "bfloat16" and trainer.model_config.remat
+        tokenizer = trainer.dataset.tokenizer  # the checkpoint directory's own
+        assert isinstance(tokenizer, HFTokenizer) and trainer.cfg.vocab_limit == tokenizer.vocab_size < 128
+        assert prompt_text in trainer.dataset[0]["prompt_text"]
+        history = train(trainer, tmp_path / "run", 2, checkpoint_every=2, sample_every=1)
+        accuracy = train_grpo.held_out_accuracy(cfg, trainer.current_model(), trainer.dataset.tokenizer,
+                                                trainer.cfg)
+    assert len(history) == 2 and 0.0 <= accuracy <= 1.0
+    for metrics in history:
+        assert all(name in metrics for name in rewards)
+        assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["kl"]) and metrics["skipped_updates"] == 0
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [1, 1, 1, 1, 2, 2, 2, 2]  # 2 completions of 2 prompts per step
+    assert all(prompt_text in r["prompt"] for r in samples)
+
+
+def test_hf_configs_without_a_checkpoint_fail_fast():
+    for module in (countdown_qwen, gsm8k_qwen2_5_0_5b):
+        with pytest.raises(ValueError, match="--config.checkpoint="):
+            train_grpo.build(module.get_config())

@@ -30,8 +30,8 @@ def reward_fraction_of_target(examples, completions):
     return rewards, {"target_share": rewards}
 
 
-def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, dataset=None, model_config=MODEL,
-                 **overrides):
+def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, dataset=None,
+                 model_config=MODEL, **overrides):
     fields = dict(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=3e-3, prompt_buckets=(8,),
                   stop_tokens=(1,))
     cfg = GRPOConfig(**{**fields, **overrides})
