@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax._numerics import einsum_f32
 from grpo_jax.models.transformer import (
+    KV,
     Cache,
     Prefix,
     Transformer,
@@ -178,22 +179,48 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, cfg: SamplingCon
             stopped=s.stopped | stop,
         )
 
-    init = _DecodeState(
+    phases = cache_phases(length)
+    state = _DecodeState(
         step=jnp.zeros((), jnp.int32),
         logits=shard(jnp.repeat(first_logits, cfg.group_size, axis=0)),
-        cache=init_cache(model.config, batch, length),
+        cache=init_cache(model.config, batch, phases[0]),
         tokens=shard(jnp.full((batch, length), cfg.pad_id, jnp.int32)),
         logprobs=shard(jnp.zeros((batch, length), jnp.float32)),
         done=jnp.zeros((batch,), bool),
         stopped=jnp.zeros((batch,), bool),
     )
-    final = jax.lax.while_loop(cond, body, init)
+    # The cache grows by doubling: each phase decodes up to its capacity, then the cache is padded to the
+    # next one. Every step reads a cache at most twice as long as its filled part, not max_new_tokens long.
+    for capacity in phases:
+        state = state._replace(cache=grow_cache(state.cache, capacity))
+        state = jax.lax.while_loop(lambda s, end=capacity: cond(s) & (s.step < end), body, state)
+    final = state
     mask = final.cache.mask  # a slot is filled exactly when its token belongs to the completion
     lengths = mask.sum(axis=1).astype(jnp.int32)
     return final.tokens, mask, lengths, ~final.stopped, final.logprobs
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 5, 6))
+
+FIRST_CACHE_PHASE = 32
+
+
+def cache_phases(max_new_tokens: int) -> tuple[int, ...]:
+    """Capacities of the growing decode cache: 32, 64, ... doubling, the last one max_new_tokens."""
+    phases = [min(FIRST_CACHE_PHASE, max_new_tokens)]
+    while phases[-1] < max_new_tokens:
+        phases.append(min(2 * phases[-1], max_new_tokens))
+    return tuple(phases)
+
+
+def grow_cache(cache: Cache, capacity: int) -> Cache:
+    """`cache` with empty slots appended up to `capacity` (unchanged when it already has that many)."""
+    extra = capacity - cache.mask.shape[1]
+    if extra == 0:
+        return cache
+    pad = ((0, 0), (0, 0), (0, extra), (0, 0))
+    kv = tuple(KV(jnp.pad(layer.k, pad), jnp.pad(layer.v, pad)) for layer in cache.kv)
+    return Cache(kv, jnp.pad(cache.mask, ((0, 0), (0, extra))), cache.index)
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):

@@ -31,7 +31,7 @@ def _full_forward(state, ids):
     return forward_logits(nnx.merge(graphdef, state), ids, jnp.ones_like(ids, bool))
 
 
-def recompute_logits(model, prompt, completion, width=32):
+def recompute_logits(model, prompt, completion, width=64):
     """Full-vocabulary logits predicting each completion token, from one plain forward pass (right padding
     to a fixed width keeps it one compilation; causality makes the padding invisible)."""
     sequence = list(prompt) + list(completion)
@@ -48,7 +48,8 @@ def rows(out, group_size):
 
 
 def test_greedy_equals_stepwise_argmax_of_full_forward(model):
-    cfg = SamplingConfig(max_new_tokens=12, group_size=2, temperature=0.0, buckets=(8, 16))
+    # 40 new tokens: the decode cache grows from 32 slots to 40 on the way (sampling.cache_phases).
+    cfg = SamplingConfig(max_new_tokens=40, group_size=2, temperature=0.0, buckets=(8, 16))
     out = sample(model, PROMPTS, jax.random.PRNGKey(0), cfg)
     for i, prompt in enumerate(PROMPTS):
         sequence = list(prompt)
@@ -62,13 +63,21 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(model):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature):
-    cfg = SamplingConfig(max_new_tokens=10, group_size=3, temperature=temperature, stop_tokens=(7,))
+    cfg = SamplingConfig(max_new_tokens=50, group_size=3, temperature=temperature, stop_tokens=(7,))
     out = sample(model, PROMPTS, jax.random.PRNGKey(1), cfg)
+    assert int(out.lengths.max()) > sampling.FIRST_CACHE_PHASE  # some rows decode past the cache's growth
     for i, tokens, logprobs in rows(out, 3):
         logits = recompute_logits(model, PROMPTS[i], tokens) / temperature
         want = jax.nn.log_softmax(logits)[np.arange(len(tokens)), tokens]
         np.testing.assert_allclose(logprobs, want, atol=2e-5)
     np.testing.assert_array_equal(np.asarray(out.logprobs)[~np.asarray(out.mask)], 0.0)
+
+
+def test_cache_phases_double_up_to_max_new_tokens():
+    assert sampling.cache_phases(8) == (8,)
+    assert sampling.cache_phases(32) == (32,)
+    assert sampling.cache_phases(128) == (32, 64, 128)
+    assert sampling.cache_phases(100) == (32, 64, 100)
 
 
 def allowed_sets(logits, cfg):
