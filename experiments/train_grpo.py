@@ -187,13 +187,17 @@ def main(argv) -> None:
     trainer = build(config, warm_start=fresh)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
-    if config.eval_examples and (fresh or not start_file.exists()):
+    if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)
         start = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
-            start_file.write_text(json.dumps({"greedy_accuracy": start, "step": trainer.step}) + "\n")
+            start_file.write_text(json.dumps({"greedy_accuracy": start}) + "\n")
     train(trainer, workdir, config.num_steps, checkpoint_every=config.checkpoint_every,
           log_every=config.log_every, sample_every=config.sample_every)
+    # Every process evaluates (the sampler's batch is sharded over all of them); process 0 reports.
+    end = None
+    if config.eval_examples:
+        end = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
     if jax.process_index() != 0:
         return
     records = read_jsonl(workdir / "metrics.jsonl")
@@ -203,13 +207,16 @@ def main(argv) -> None:
     first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
     print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
           f"{workdir / 'plots.png'}")
-    if config.eval_examples:
-        start = json.loads(start_file.read_text())["greedy_accuracy"]
-        end = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+    if end is not None:
+        start = json.loads(start_file.read_text())["greedy_accuracy"] if start_file.exists() else None
         (workdir / "accuracy.json").write_text(json.dumps(
             {"start": start, "end": end, "step": trainer.step, "examples": config.eval_examples}) + "\n")
-        print(f"held-out greedy accuracy on {config.eval_examples} test problems: {start:.1%} when GRPO "
-              f"started -> {end:.1%} after {trainer.step} steps ({100 * (end - start):+.1f} points)")
+        summary = f"held-out greedy accuracy on {config.eval_examples} test problems: "
+        if start is None:
+            print(f"{summary}{end:.1%} after {trainer.step} steps")
+        else:
+            print(f"{summary}{start:.1%} when GRPO started -> {end:.1%} after {trainer.step} steps "
+                  f"({100 * (end - start):+.1f} points)")
 
 
 if __name__ == "__main__":
