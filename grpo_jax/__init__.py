@@ -4,17 +4,19 @@ The GRPO math is a set of pure functions over arrays that know nothing of a mode
 
   group_advantages, process_advantages    rewards -> advantages        (grpo_jax.advantages)
   policy_loss, kl_divergence, aggregate_loss   log-probs -> loss        (grpo_jax.losses)
+  aggregation_denominator                 weights of accumulated parts  (grpo_jax.losses)
   token_logprobs                          hidden states -> log-probs    (grpo_jax.logprobs)
 """
 
 from grpo_jax.advantages import group_advantages, process_advantages, zero_variance_fraction
 from grpo_jax.logprobs import token_logprobs
-from grpo_jax.losses import aggregate_loss, kl_divergence, policy_loss
+from grpo_jax.losses import aggregate_loss, aggregation_denominator, kl_divergence, policy_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "aggregate_loss",
+    "aggregation_denominator",
     "group_advantages",
     "kl_divergence",
     "policy_loss",

@@ -101,6 +101,20 @@ def aggregate_loss(
     return values.sum() / (num_seqs * normaliser)
 
 
+def aggregation_denominator(mask: chex.Array, mode: Aggregation = "seq-mean-token-mean") -> jax.Array:
+    """What `aggregate_loss` divides by, up to the run's constant L: the number of masked tokens for
+    "token-mean", the number of rows holding a token (B') for the other two modes.
+
+    A batch split into parts (gradient accumulation) has the aggregate of the whole batch when each part's
+    aggregate is weighted by its share of the summed denominators, not averaged with equal weights.
+    """
+    check_option("aggregation", mode, AGGREGATIONS)
+    mask = jnp.asarray(mask).astype(bool)
+    if mode == "token-mean":
+        return mask.sum().astype(jnp.float32)
+    return (mask.sum(axis=-1) > 0).sum().astype(jnp.float32)
+
+
 def _masked_mean(x: chex.Array, mask: chex.Array) -> jax.Array:
     return jnp.where(mask, x, 0.0).sum() / jnp.maximum(mask.sum(), 1)
 

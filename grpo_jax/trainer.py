@@ -233,7 +233,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, opti
     """One optimizer update on a minibatch: `(state, batch) -> (state, metrics)`, pure, jitted by Trainer.
 
     The minibatch holds `n` prompts and their n * G completions; it is split into `grad_accum_steps`
-    microbatches of whole groups whose gradients are averaged.
+    microbatches of whole groups. Each microbatch's gradient is weighted by its share of the aggregation's
+    denominator (tokens for token-mean, non-empty rows otherwise), so the update is that of the whole
+    minibatch at once, whatever the split.
     """
     steps = cfg.grad_accum_steps
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
@@ -243,15 +245,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, opti
 
     prompt_keys = ("prompt_tokens", "prompt_mask")
     micro = {k: split(v, 1 if k in prompt_keys else cfg.group_size) for k, v in batch.items()}
+    denominators = jax.vmap(functools.partial(losses.aggregation_denominator, mode=cfg.aggregation))(
+        micro["completion_mask"])  # [steps]
+    weights = denominators / jnp.maximum(denominators.sum(), 1.0)
 
-    def accumulate(grads_sum, microbatch):
+    def accumulate(grads_sum, inputs):
+        microbatch, weight = inputs
         (_, metrics), grads = grad_fn(state.params, graphdef, microbatch, cfg)
-        return jax.tree.map(jnp.add, grads_sum, grads), metrics
+        return jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, metrics = jax.lax.scan(accumulate, zeros, micro)
-    grads = jax.tree.map(lambda g: g / steps, grads)
-    metrics = jax.tree.map(jnp.mean, metrics)
+    grads, metrics = jax.lax.scan(accumulate, zeros, (micro, weights))
+    metrics = jax.tree.map(lambda m: jnp.sum(m * weights), metrics)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)

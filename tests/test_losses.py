@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from grpo_jax import aggregate_loss, kl_divergence, policy_loss
+from grpo_jax import aggregate_loss, aggregation_denominator, kl_divergence, policy_loss
 
 AGGREGATIONS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 
@@ -395,3 +395,22 @@ def test_errors_name_the_field():
         run(b, max_completion_length=8)
     with pytest.raises(ValueError, match="advantages has shape"):
         run({**b, "adv": b["adv"][:3]})
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_parts_weighted_by_their_denominator_give_the_whole_aggregate(mode):
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=(12, 7)).astype(np.float32)
+    mask = np.arange(7)[None] < rng.integers(0, 8, 12)[:, None]
+    mask[3] = False  # an empty row counts in no denominator
+    whole = float(aggregate_loss(values, mask, mode))
+    parts = [slice(0, 3), slice(3, 8), slice(8, 12)]
+    denominators = np.array([float(aggregation_denominator(mask[p], mode)) for p in parts])
+    want = {"token-mean": mask.sum(), "seq-mean-token-mean": (mask.sum(1) > 0).sum(),
+            "seq-mean-token-sum-norm": (mask.sum(1) > 0).sum()}[mode]
+    assert denominators.sum() == want
+    combined = sum(d / denominators.sum() * float(aggregate_loss(values[p], mask[p], mode))
+                   for d, p in zip(denominators, parts, strict=True))
+    assert combined == pytest.approx(whole, rel=1e-6)
+    equal_weights = np.mean([float(aggregate_loss(values[p], mask[p], mode)) for p in parts])
+    assert abs(equal_weights - whole) > 1e-3  # plain averaging of the parts would be wrong here

@@ -112,6 +112,30 @@ def test_sharded_train_step_equals_single_device(mesh_shape):
     assert kernel.addressable_shards[0].data.shape == (32 // mesh_shape[1], 64 // mesh_shape[2])
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
+    """Microbatches with unequal token counts (and an empty row) weighted by their share of the aggregation's
+    denominator: the same gradient and update as one pass over the whole minibatch."""
+    host = fixed_batch(make_trainer())
+    host["mask"] = host["mask"].copy()
+    host["mask"][:4] = False  # the first prompt's whole group (microbatch 1 of 2) has no tokens ...
+    host["mask"][4, 1:] = False  # ... and the next row one token, so the microbatches differ in size
+    assert host["mask"][:16].sum() != host["mask"][16:].sum()
+    results = []
+    for steps in (1, 2, 4):
+        trainer = make_trainer(grad_accum_steps=steps, aggregation=aggregation, beta=0.04, adam_eps=1e-3)
+        batch = trainer._device_batch(host)
+        batch["ref_logprobs"] = trainer._logprobs(trainer.ref_params, batch)
+        trainer.state, metrics = trainer._train_step(trainer.state, batch)
+        results.append((jax.device_get(trainer.state.params), jax.device_get(metrics)))
+    (params_1, metrics_1), *split = results
+    for params_k, metrics_k in split:
+        assert metrics_k["grad_norm"] == pytest.approx(metrics_1["grad_norm"], rel=1e-5)
+        assert metrics_k["loss"] == pytest.approx(metrics_1["loss"], rel=1e-5, abs=1e-7)
+        for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_k), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- options
 
 
