@@ -44,6 +44,9 @@ _DIM = flags.DEFINE_integer("dim", 896, "logprobs_memory: hidden width D.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "logprobs_memory: token_logprobs chunk_size.")
 _TIME = flags.DEFINE_bool("time", False, "logprobs_memory: also run loss + grad and time it.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
+_GRAD_ACCUM = flags.DEFINE_integer(
+    "grad_accum_steps", 8, "grpo_iteration, train_step: microbatches per update (the same work and the same "
+    "update, see trainer.train_step; smaller microbatches stay in the CPU's caches).")
 
 
 def _naive_logprobs(hidden, unembedding, targets):
@@ -262,10 +265,12 @@ def bench_grpo_iteration() -> None:
     rng = np.random.default_rng(0)
     dataset = [{"prompt_tokens": rng.integers(1, 512, prompt_len).tolist()} for _ in range(64)]
     print(f"grpo_iteration: tiny model, {num_prompts} prompts x G={group_size}, prompt {prompt_len}, "
-          f"{new_tokens} new tokens, mu=1; f32 matmul roofline {roofline:.0f} GFLOP/s")
+          f"{new_tokens} new tokens, mu=1, update in {_GRAD_ACCUM.value} microbatches; f32 matmul roofline "
+          f"{roofline:.0f} GFLOP/s")
     for beta in (0.0, 0.04):
         cfg = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
-                         prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5)
+                         prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5,
+                         grad_accum_steps=_GRAD_ACCUM.value)
         trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), cfg, dataset, _constant_reward)
         trainer.iteration()  # compile
         runs = [trainer.iteration() for _ in range(_REPEATS.value)]
@@ -293,7 +298,7 @@ def bench_train_step() -> None:
     rng = np.random.default_rng(0)
     dataset = [{"prompt_tokens": rng.integers(1, 2048, prompt_len).tolist()} for _ in range(8)]
     grpo = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
-                      prompt_buckets=(prompt_len,), learning_rate=1e-5)
+                      prompt_buckets=(prompt_len,), learning_rate=1e-5, grad_accum_steps=_GRAD_ACCUM.value)
     trainer = Trainer(Transformer(cfg, nnx.Rngs(0)), grpo, dataset, _constant_reward)
     host, _ = trainer._collect(jax.random.key(0))
     batch = trainer._device_batch(host)
@@ -307,7 +312,8 @@ def bench_train_step() -> None:
     _, seconds = _time_calls(step, _REPEATS.value)
     flops = grpo_work_flops(cfg, num_prompts, group_size, prompt_len, new_tokens, 0.0)["update"]
     print(f"train_step: {cfg.num_params() / 1e6:.1f}M params, {num_prompts} prompts x G={group_size}, "
-          f"{prompt_len} + {new_tokens} tokens; f32 matmul roofline {roofline:.0f} GFLOP/s")
+          f"{prompt_len} + {new_tokens} tokens, {_GRAD_ACCUM.value} microbatches; f32 matmul roofline "
+          f"{roofline:.0f} GFLOP/s")
     print(f"  {seconds:.3f} s/step (median of {_REPEATS.value}), work {flops / 1e9:.0f} GFLOP -> "
           f"{flops / seconds / 1e9:.0f} GFLOP/s = {flops / seconds / 1e9 / roofline:.0%} of roofline "
           "(target >= 50%)")

@@ -314,11 +314,21 @@ class Trainer:
     # -- stages ---------------------------------------------------------------------------------------
 
     def _batch_logprobs(self, params, batch):
+        """Reference / old log-probs of the whole batch, in the update's microbatches of whole groups."""
         model = nnx.merge(self.graphdef, params)
-        return completion_logprobs(model, batch["prompt_tokens"], batch["prompt_mask"],
-                                   batch["completion_tokens"], batch["completion_mask"],
-                                   temperature=self.cfg.temperature or 1.0,
-                                   chunk_size=self.cfg.logprob_chunk_size)
+        keys = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+
+        def logprobs(part):
+            return completion_logprobs(model, *(part[k] for k in keys),
+                                       temperature=self.cfg.temperature or 1.0,
+                                       chunk_size=self.cfg.logprob_chunk_size)
+
+        parts = self.cfg.num_minibatches * self.cfg.grad_accum_steps
+        if parts == 1:
+            return logprobs(batch)
+        split = {k: batch[k].reshape(parts, batch[k].shape[0] // parts, *batch[k].shape[1:]) for k in keys}
+        out = jax.lax.map(logprobs, split)  # [parts, rows per part, T]
+        return out.reshape(-1, out.shape[-1])
 
     def _next_examples(self, count: int) -> list:
         examples = [self.dataset[(self.data_position + i) % len(self.dataset)] for i in range(count)]

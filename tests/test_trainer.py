@@ -121,13 +121,16 @@ def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
     host["mask"][:4] = False  # the first prompt's whole group (microbatch 1 of 2) has no tokens ...
     host["mask"][4, 1:] = False  # ... and the next row one token, so the microbatches differ in size
     assert host["mask"][:16].sum() != host["mask"][16:].sum()
-    results = []
+    results, ref_logprobs = [], []
     for steps in (1, 2, 4):
         trainer = make_trainer(grad_accum_steps=steps, aggregation=aggregation, beta=0.04, adam_eps=1e-3)
         batch = trainer._device_batch(host)
-        batch["ref_logprobs"] = trainer._logprobs(trainer.ref_params, batch)
+        batch["ref_logprobs"] = trainer._logprobs(trainer.ref_params, batch)  # also in microbatches
+        ref_logprobs.append(np.where(host["mask"], jax.device_get(batch["ref_logprobs"]), 0.0))
         trainer.state, metrics = trainer._train_step(trainer.state, batch)
         results.append((jax.device_get(trainer.state.params), jax.device_get(metrics)))
+    np.testing.assert_allclose(ref_logprobs[1], ref_logprobs[0], atol=1e-6)
+    np.testing.assert_allclose(ref_logprobs[2], ref_logprobs[0], atol=1e-6)
     (params_1, metrics_1), *split = results
     for params_k, metrics_k in split:
         assert metrics_k["grad_norm"] == pytest.approx(metrics_1["grad_norm"], rel=1e-5)
