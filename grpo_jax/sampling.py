@@ -3,9 +3,10 @@
   1. Host: prompts (lists of token ids) are left-padded into the smallest length bucket that fits them, so
      a run compiles once per bucket, not once per prompt length.
   2. Device, one jitted call: prefill the N prompts once (batch N); their keys/values become a shared
-     `Prefix` that the N * G sample rows attend to without copying it G times; then a `lax.while_loop`
-     decodes one token per step for all rows through a fixed-capacity KV cache and exits as soon as every
-     row has emitted a stop token (or after `max_new_tokens`).
+     `Prefix` that the N * G sample rows attend to without copying it G times; then `lax.while_loop`s
+     decode one token per step for all rows through a KV cache that grows by doubling (32, 64, ... slots,
+     one loop per size, so a step reads at most twice the filled length), and exit as soon as every row
+     has emitted a stop token (or after `max_new_tokens`).
 
 Randomness: the caller passes a fresh key per call (the trainer splits one per step); inside, every
 decode step folds its index into that key, so no key is ever used twice.
