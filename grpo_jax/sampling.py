@@ -241,7 +241,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id
     return tokens, mask
 
 
-def _batch_sharding(mesh: Mesh | None, num_prompts: int) -> NamedSharding | None:
+def prompt_sharding(mesh: Mesh | None, num_prompts: int) -> NamedSharding | None:
     """`[N, P]` prompts split over the mesh's "data" and "fsdp" axes."""
     if mesh is None:
         return None
@@ -284,7 +284,7 @@ def sample(
             f"max_position_embeddings={cfg.max_position_embeddings}; shorten prompts or completions.")
     if int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"prompt token ids must lie in [0, vocab_size={cfg.vocab_size}).")
-    sharding = _batch_sharding(mesh, len(prompts))
+    sharding = prompt_sharding(mesh, len(prompts))
     if sharding is None:
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     else:  # every process holds the same prompts; each places the shards of its own devices

@@ -43,7 +43,7 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.logprobs import token_logprobs
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positions_from_mask
-from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, sample
+from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, prompt_sharding, sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +229,25 @@ def _loss_fn(params, graphdef, batch, cfg: GRPOConfig):
     return loss, metrics
 
 
+def split_groups(x: jax.Array, parts: int, rows_per_prompt: int) -> jax.Array:
+    """`[n * rows_per_prompt, ...]` -> `[parts, n / parts * rows_per_prompt, ...]`, whole groups per part.
+
+    Part j holds prompts j, parts + j, 2 * parts + j, ... (with their rows): strided, not contiguous, so that
+    each data shard of the batch (a contiguous block of prompts) holds its equal share of every part and
+    splitting moves nothing between devices. `merge_groups` puts the rows back in order.
+    """
+    prompts = x.shape[0] // rows_per_prompt
+    x = x.reshape(prompts // parts, parts, rows_per_prompt, *x.shape[1:])
+    return x.swapaxes(0, 1).reshape(parts, (prompts // parts) * rows_per_prompt, *x.shape[3:])
+
+
+def merge_groups(x: jax.Array, rows_per_prompt: int) -> jax.Array:
+    """The inverse of `split_groups`: `[parts, rows, ...]` -> `[parts * rows, ...]` in the batch's order."""
+    parts, rows = x.shape[:2]
+    x = x.reshape(parts, rows // rows_per_prompt, rows_per_prompt, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(parts * rows, *x.shape[3:])
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, optimizer, cfg: GRPOConfig):
     """One optimizer update on a minibatch: `(state, batch) -> (state, metrics)`, pure, jitted by Trainer.
 
@@ -240,11 +259,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, opti
     steps = cfg.grad_accum_steps
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
 
-    def split(x, per_prompt):  # [n * per_prompt, ...] -> [steps, n / steps * per_prompt, ...]
-        return x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
-
     prompt_keys = ("prompt_tokens", "prompt_mask")
-    micro = {k: split(v, 1 if k in prompt_keys else cfg.group_size) for k, v in batch.items()}
+    micro = {k: split_groups(v, steps, 1 if k in prompt_keys else cfg.group_size) for k, v in batch.items()}
     denominators = jax.vmap(functools.partial(losses.aggregation_denominator, mode=cfg.aggregation))(
         micro["completion_mask"])  # [steps]
     weights = denominators / jnp.maximum(denominators.sum(), 1.0)
@@ -276,14 +292,22 @@ class Trainer:
     `prompt_tokens` list); `reward_fn(examples, completions)` gets one example per completion row (each
     prompt's example repeated G times) and the completion token lists, and returns rewards `[B]` or
     `(rewards [B], {metric name: value})`.
+
+    `mesh` lays out training (default: every device on "data"). `rollout_mesh`, when given, is where
+    sampling runs instead, with the policy copied onto it each iteration: e.g. data-parallel with whole
+    params for decoding while training shards them FSDP-style, or on a CPU one device per core (sampling's
+    small per-token matmuls use two cores far better as two devices than as one).
     """
 
     def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: RewardFn, *,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, rollout_mesh: Mesh | None = None):
         self.cfg = cfg
         self.dataset = dataset
         self.reward_fn = reward_fn
         self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+        self.rollout_mesh = rollout_mesh
+        if rollout_mesh is not None:
+            prompt_sharding(rollout_mesh, cfg.num_prompts)  # num_prompts must split over it
         self.sampling = cfg.sampling()
         self.optimizer = make_optimizer(cfg)
         self.graphdef, params = nnx.split(model)
@@ -298,6 +322,10 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
         self.state = TrainState(params, opt_state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        # Sampling may use its own layout (e.g. data-parallel over every device with whole params, where
+        # training shards them): the policy is copied onto it once per iteration, not gathered every step.
+        self._rollout_shardings = (None if rollout_mesh is None
+                                   else sharding.param_shardings(params, rollout_mesh))
         # No reference params at all when beta == 0; a copy otherwise (the train step donates the policy's).
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.beta else None
         self.step = 0
@@ -326,9 +354,9 @@ class Trainer:
         parts = self.cfg.num_minibatches * self.cfg.grad_accum_steps
         if parts == 1:
             return logprobs(batch)
-        split = {k: batch[k].reshape(parts, batch[k].shape[0] // parts, *batch[k].shape[1:]) for k in keys}
-        out = jax.lax.map(logprobs, split)  # [parts, rows per part, T]
-        return out.reshape(-1, out.shape[-1])
+        split = {k: split_groups(batch[k], parts, 1 if k.startswith("prompt") else self.cfg.group_size)
+                 for k in keys}
+        return merge_groups(jax.lax.map(logprobs, split), self.cfg.group_size)  # [parts, rows, T] -> [B, T]
 
     def _next_examples(self, count: int) -> list:
         examples = [self.dataset[(self.data_position + i) % len(self.dataset)] for i in range(count)]
@@ -339,8 +367,8 @@ class Trainer:
         """Sample G completions per example and score them on the host."""
         cfg = self.cfg
         start = time.perf_counter()
-        out = sample(self.current_model(), [e["prompt_tokens"] for e in examples], key, self.sampling,
-                     mesh=self.mesh)
+        out = sample(self.rollout_model(), [e["prompt_tokens"] for e in examples], key, self.sampling,
+                     mesh=self.mesh if self.rollout_mesh is None else self.rollout_mesh)
         tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
         truncated = sharding.to_host(out.truncated)
         self._timings["time_sampling"] += time.perf_counter() - start
@@ -403,6 +431,12 @@ class Trainer:
 
     def current_model(self) -> Transformer:
         return nnx.merge(self.graphdef, self.state.params)
+
+    def rollout_model(self) -> Transformer:
+        """The current policy laid out on the rollout mesh (the training mesh unless one was given)."""
+        if self._rollout_shardings is None:
+            return self.current_model()
+        return nnx.merge(self.graphdef, jax.device_put(self.state.params, self._rollout_shardings))
 
     def _device_batch(self, host: dict) -> dict[str, jax.Array]:
         cfg = self.cfg

@@ -11,7 +11,8 @@ from flax import nnx
 
 from grpo_jax import sharding
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask
-from grpo_jax.trainer import GRPOConfig, Trainer, completion_logprobs, overlong_penalty
+from grpo_jax.trainer import (GRPOConfig, Trainer, completion_logprobs, merge_groups, overlong_penalty,
+                              split_groups)
 
 MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, qkv_bias=True, max_position_embeddings=64)
@@ -118,9 +119,10 @@ def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
     denominator: the same gradient and update as one pass over the whole minibatch."""
     host = fixed_batch(make_trainer())
     host["mask"] = host["mask"].copy()
-    host["mask"][:4] = False  # the first prompt's whole group (microbatch 1 of 2) has no tokens ...
+    host["mask"][:4] = False  # the first prompt's whole group (in microbatch 1 of 2) has no tokens ...
     host["mask"][4, 1:] = False  # ... and the next row one token, so the microbatches differ in size
-    assert host["mask"][:16].sum() != host["mask"][16:].sum()
+    by_prompt = host["mask"].reshape(8, 4, -1)  # microbatch j of 2 holds prompts j, j + 2, j + 4, j + 6
+    assert by_prompt[0::2].sum() != by_prompt[1::2].sum()
     results, ref_logprobs = [], []
     for steps in (1, 2, 4):
         trainer = make_trainer(grad_accum_steps=steps, aggregation=aggregation, beta=0.04, adam_eps=1e-3)
@@ -137,6 +139,47 @@ def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
         assert metrics_k["loss"] == pytest.approx(metrics_1["loss"], rel=1e-5, abs=1e-7)
         for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_k), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_split_groups_is_strided_and_merge_groups_inverts_it():
+    x = jnp.arange(8 * 3 * 2).reshape(8 * 3, 2)  # 8 prompts x 3 rows each
+    parts = split_groups(x, 4, 3)
+    assert parts.shape == (4, 6, 2)
+    np.testing.assert_array_equal(parts[1], np.concatenate([x[3:6], x[15:18]]))  # prompts 1 and 5
+    np.testing.assert_array_equal(merge_groups(parts, 3), x)
+
+
+def test_microbatches_are_split_without_moving_data_between_devices():
+    """On a data-parallel mesh every device holds its share of each microbatch: the compiled train step
+    only all-reduces (gradients, metrics), it never gathers or permutes the batch."""
+    trainer = make_trainer(sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2]), grad_accum_steps=2)
+    batch = trainer._device_batch(fixed_batch(trainer))
+    hlo = trainer._train_step.lower(trainer.state, batch).compile().as_text()
+    assert "all-reduce" in hlo
+    for collective in ("all-gather", "all-to-all", "collective-permute"):
+        assert collective not in hlo, collective
+
+
+def test_rollout_mesh_samples_on_its_own_layout_with_the_same_results():
+    """Training on one device, sampling data-parallel over eight: the same completions and updates as
+    sampling where training runs, and the sampled policy really is laid out on the rollout mesh."""
+    one_device = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rollout_mesh = sharding.make_mesh((8, 1, 1))
+    plain = make_trainer(one_device)
+    split = Trainer(Transformer(MODEL, nnx.Rngs(0)), plain.cfg, make_dataset(), reward_fraction_of_target,
+                    mesh=one_device, rollout_mesh=rollout_mesh)
+    kernel = nnx.split(split.rollout_model())[1]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    assert kernel.sharding.mesh == rollout_mesh and len(kernel.sharding.device_set) == 8
+    for _ in range(2):
+        metrics = [trainer.iteration() for trainer in (plain, split)]
+        np.testing.assert_array_equal(plain.last_rollout["tokens"], split.last_rollout["tokens"])
+        assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(jax.device_get(plain.state.params)),
+                    jax.tree.leaves(jax.device_get(split.state.params)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="prompts cannot be split"):
+        Trainer(Transformer(MODEL, nnx.Rngs(0)), dataclasses.replace(plain.cfg, num_prompts=4),
+                make_dataset(), reward_fraction_of_target, mesh=one_device, rollout_mesh=rollout_mesh)
 
 
 # ----------------------------------------------------------------------------- options
