@@ -14,13 +14,16 @@ grpo_iteration: whole GRPO iterations (sample + rewards + reference + update) on
   model and work (8 prompts x G=8, 64-token prompts, exactly 128 new tokens, temperature 1, mu=1), at
   beta=0 and beta=0.04: median seconds per iteration, the split, and GFLOP/s of the FLOPs the work needs
   (prompt once per group) against the measured f32 matmul roofline: the median iteration against the
-  median matmul call, and the fastest iteration against the fastest call.
+  median matmul call, and the fastest iteration against the fastest call. The update runs on one device;
+  sampling runs there and, on a CPU, also data-parallel over one CPU device per core (Trainer's
+  `rollout_mesh`), both reported.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
   G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -31,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from grpo_jax import sampling, token_logprobs
+from grpo_jax import sampling, sharding, token_logprobs
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
 from grpo_jax.sampling import SamplingConfig, sample
 from grpo_jax.trainer import GRPOConfig, Trainer
@@ -286,41 +289,54 @@ def _constant_reward(examples, completions):
     return np.asarray([len(c) % 3 for c in completions], np.float32)  # cheap, varied within groups
 
 
+def _rollout_devices() -> int:
+    """One CPU device per core for grpo_iteration's rollout (a divisor of its 8 prompts)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(d for d in (1, 2, 4, 8) if d <= cores)
+
+
 def bench_grpo_iteration() -> None:
     num_prompts, group_size, prompt_len, new_tokens = 8, 8, 64, 128
     roofline = Roofline()
     roofline.measure()
     rng = np.random.default_rng(0)
     dataset = [{"prompt_tokens": rng.integers(1, 512, prompt_len).tolist()} for _ in range(64)]
+    train_mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    layouts = {"sampling on the training device": None}
+    if len(jax.devices()) > 1:
+        layouts[f"sampling data-parallel over {len(jax.devices())} devices"] = sharding.make_mesh((-1, 1, 1))
     results = {}
-    for beta in (0.0, 0.04):
-        cfg = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
-                         prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5,
-                         grad_accum_steps=_GRAD_ACCUM.value)
-        trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), cfg, dataset, _constant_reward)
-        trainer.iteration()  # compile
-        runs = [trainer.iteration() for _ in range(_REPEATS.value)]
-        flops = grpo_work_flops(trainer.model_config, num_prompts, group_size, prompt_len, new_tokens, beta)
-        results[beta] = runs, flops
-        roofline.measure()
+    for layout, rollout_mesh in layouts.items():
+        for beta in (0.0, 0.04):
+            cfg = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
+                             prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5,
+                             grad_accum_steps=_GRAD_ACCUM.value)
+            trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), cfg, dataset, _constant_reward,
+                              mesh=train_mesh, rollout_mesh=rollout_mesh)
+            trainer.iteration()  # compile
+            runs = [trainer.iteration() for _ in range(_REPEATS.value)]
+            flops = grpo_work_flops(trainer.model_config, num_prompts, group_size, prompt_len, new_tokens,
+                                    beta)
+            results[layout, beta] = runs, flops
+            roofline.measure()
     print(f"grpo_iteration: tiny model, {num_prompts} prompts x G={group_size}, prompt {prompt_len}, "
-          f"{new_tokens} new tokens, mu=1, update in {_GRAD_ACCUM.value} microbatches; {roofline}")
+          f"{new_tokens} new tokens, mu=1, update on one device in {_GRAD_ACCUM.value} microbatches, "
+          f"{jax.default_backend()}; {roofline}")
     keys = ("time_sampling", "time_rewards", "time_reference", "time_update")
-    for beta, (runs, flops) in results.items():
+    for (layout, beta), (runs, flops) in results.items():
         split = {k: statistics.median(r[k] for r in runs) for k in keys}
         totals = [sum(r[k] for k in keys) for r in runs]
         total, fastest = statistics.median(totals), min(totals)
         needed = sum(flops.values())
-        print(f"  beta={beta}: {total:.3f} s/iteration (median of {len(runs)}, fastest {fastest:.3f} s)  "
-              + "  ".join(f"{k[5:]} {v:.3f} s" for k, v in split.items()))
+        print(f"  {layout}, beta={beta}: {total:.3f} s/iteration (median of {len(runs)}, fastest "
+              f"{fastest:.3f} s)  " + "  ".join(f"{k[5:]} {v:.3f} s" for k, v in split.items()))
         limit, strict_limit = needed / roofline.median / 1e9, needed / roofline.best / 1e9
         print(f"    work needs {needed / 1e9:.0f} GFLOP -> {needed / total / 1e9:.0f} GFLOP/s = "
               f"{needed / total / 1e9 / roofline.median:.0%} of the median roofline; limit {limit:.2f} s "
               f"-> {total / limit:.2f}x the limit (target <= 2x); fastest run vs the best roofline call: "
               f"{fastest / strict_limit:.2f}x")
-        for stage in ("sampling", "update"):
-            seconds = split[f"time_{stage}"]
-            print(f"    {stage}: {flops[stage] / seconds / 1e9:.0f} GFLOP/s")
+        print("    " + "  ".join(f"{stage} {flops[stage] / split[f'time_{stage}'] / 1e9:.0f} GFLOP/s"
+                                 for stage in ("sampling", "update")))
 
 
 def bench_train_step() -> None:
@@ -358,6 +374,8 @@ def main(argv) -> None:
     del argv
     benches = {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling,
                "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step}
+    if _BENCH.value == "grpo_iteration":  # before the backend starts: one CPU device per core
+        jax.config.update("jax_num_cpu_devices", _rollout_devices())
     benches[_BENCH.value]()
 
 

@@ -11,8 +11,14 @@ from flax import nnx
 
 from grpo_jax import sharding
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask
-from grpo_jax.trainer import (GRPOConfig, Trainer, completion_logprobs, merge_groups, overlong_penalty,
-                              split_groups)
+from grpo_jax.trainer import (
+    GRPOConfig,
+    Trainer,
+    completion_logprobs,
+    merge_groups,
+    overlong_penalty,
+    split_groups,
+)
 
 MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, qkv_bias=True, max_position_embeddings=64)
