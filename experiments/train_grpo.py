@@ -157,10 +157,12 @@ def build(config, *, warm_start: bool = False):
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
                          "seed": config.seed})
     mesh = sharding.make_mesh(config.mesh_shape)
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if grpo.num_prompts % batch_shards:
-        raise ValueError(f"config.grpo.num_prompts={grpo.num_prompts} must be divisible by the mesh's "
-                         f"data x fsdp = {batch_shards} devices; change it or config.mesh_shape.")
+    rollout_mesh = sharding.make_mesh(config.rollout_mesh_shape) if config.rollout_mesh_shape else None
+    for field, m in (("mesh_shape", mesh), ("rollout_mesh_shape", rollout_mesh)):
+        batch_shards = 1 if m is None else m.shape["data"] * m.shape["fsdp"]
+        if grpo.num_prompts % batch_shards:
+            raise ValueError(f"config.grpo.num_prompts={grpo.num_prompts} must be divisible by the "
+                             f"config.{field} mesh's data x fsdp = {batch_shards} devices; change one of them.")
     max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)
@@ -172,7 +174,7 @@ def build(config, *, warm_start: bool = False):
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start and config.warm_start.steps:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo)
-    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh)
+    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh)
 
 
 def main(argv) -> None:

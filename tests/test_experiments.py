@@ -64,6 +64,7 @@ def test_warm_start_trains_the_model_before_grpo(capsys):
     ({"rewards": (("accuracy", 1.0), ("fluency", 1.0))}, "fluency"),
     ({"task": "poetry"}, "config.task='poetry'"),
     ({"max_prompt_tokens": 4}, "prompt"),
+    ({"mesh_shape": "1,1,-1", "rollout_mesh_shape": "-1,1,1", "grpo.num_prompts": 12}, "rollout_mesh_shape"),
 ])
 def test_inconsistent_configs_fail_fast(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -157,6 +158,8 @@ def test_hf_configs_train_from_a_scaled_down_random_checkpoint(tiny_qwen, tmp_pa
         imported = load_hf_checkpoint(tiny_qwen)
         np.testing.assert_array_equal(trainer.state.params["embed"][...], imported.embed[...])
         assert trainer.model_config.dtype == "bfloat16" and trainer.model_config.remat
+        # Countdown trains FSDP and samples data-parallel with whole params (its own mesh); GSM8K on one.
+        assert (trainer.rollout_mesh is not None) == (module is countdown_qwen)
         tokenizer = trainer.dataset.tokenizer  # the checkpoint directory's own
         assert isinstance(tokenizer, HFTokenizer) and trainer.cfg.vocab_limit == tokenizer.vocab_size < 128
         assert prompt_text in trainer.dataset[0]["prompt_text"]

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every = 50  # print and keep (samples.jsonl) a few completions every this many steps
     config.eval_examples = 200  # held-out problems for the greedy accuracy before and after GRPO
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
+    config.rollout_mesh_shape = ""  # sampling's own mesh; "" samples on config.mesh_shape
 
     config.task = "arithmetic"  # arithmetic | countdown | gsm8k | jsonl
     config.task_args = ml_collections.ConfigDict({"digits": 2, "ops": ("+",), "size": 20_000})

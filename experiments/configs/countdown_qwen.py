@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every = 25
     config.eval_examples = 500
     config.mesh_shape = "1,-1,1"  # FSDP: params and optimizer state sharded over all devices
+    config.rollout_mesh_shape = "-1,1,1"  # sampling data-parallel with whole params: no gather per token
 
     config.task = "countdown"
     config.task_args = ml_collections.ConfigDict(dict(num_numbers=3, max_target=100, max_number=100,

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every = 25
     config.eval_examples = 500
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
+    config.rollout_mesh_shape = ""  # sampling's own mesh; "" samples on config.mesh_shape
 
     config.task = "gsm8k"
     config.task_args = ml_collections.ConfigDict({"data_dir": None})
