@@ -162,7 +162,7 @@ def build(config, *, warm_start: bool = False):
         batch_shards = 1 if m is None else m.shape["data"] * m.shape["fsdp"]
         if grpo.num_prompts % batch_shards:
             raise ValueError(f"config.grpo.num_prompts={grpo.num_prompts} must be divisible by the "
-                             f"config.{field} mesh's data x fsdp = {batch_shards} devices; change one of them.")
+                             f"config.{field} mesh's data x fsdp = {batch_shards} devices; change either.")
     max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)
