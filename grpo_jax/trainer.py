@@ -3,7 +3,8 @@
 One iteration (`Trainer.step`), as named stages:
 
   1. prompts   N prompts from the dataset at the current position (a resumable integer)
-  2. sample    G completions each with the jit-compiled group sampler (prompt prefilled once)
+  2. sample    G completions each with the jit-compiled group sampler (prompt prefilled once), on the
+               training mesh or on a `rollout_mesh` of its own
   3. rewards   plain Python reward function on the host; DAPO soft overlong penalty in tokens
   4. filter    DAPO dynamic sampling: drop groups whose rewards are all equal, sample more prompts until N
                groups carry signal (bounded number of extra rounds)
@@ -11,7 +12,8 @@ One iteration (`Trainer.step`), as named stages:
   6. reference   log pi_ref once per batch, only when beta != 0 (no reference params exist at beta == 0)
   7. old         log pi_old once per batch, only when mu > 1 (at mu == 1 the ratio is exp(logp - sg(logp)))
   8. update      mu epochs x num_minibatches optimizer steps, each one jitted `train_step(state, batch)`
-                 with gradient accumulation over microbatches, global-norm clipping and AdamW; a non-finite
+                 with gradient accumulation over microbatches (strided over the prompts, so each data
+                 shard holds its share of every one), global-norm clipping and AdamW; a non-finite
                  loss or gradient skips the update (counted) and leaves the parameters untouched
   9. reference reset  DeepSeekMath iterative GRPO: pi_ref <- pi_theta every `ref_update_every` steps
 
