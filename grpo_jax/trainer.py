@@ -365,11 +365,11 @@ class Trainer:
         self.data_position += count
         return examples
 
-    def _rollout(self, examples, key):
+    def _rollout(self, model: Transformer, examples, key):
         """Sample G completions per example and score them on the host."""
         cfg = self.cfg
         start = time.perf_counter()
-        out = sample(self.rollout_model(), [e["prompt_tokens"] for e in examples], key, self.sampling,
+        out = sample(model, [e["prompt_tokens"] for e in examples], key, self.sampling,
                      mesh=self.mesh if self.rollout_mesh is None else self.rollout_mesh)
         tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
         truncated = sharding.to_host(out.truncated)
@@ -396,8 +396,10 @@ class Trainer:
     def _collect(self, key) -> tuple[dict, dict]:
         """Stages 1-4: a batch of N groups (with DAPO dynamic sampling, only groups that carry signal)."""
         cfg, groups, rounds, sampled, call_metrics = self.cfg, [], 0, 0, {}
+        model = self.rollout_model()  # placed once, for every round of dynamic sampling
         while True:
-            rollout = self._rollout(self._next_examples(cfg.num_prompts), jax.random.fold_in(key, rounds))
+            examples = self._next_examples(cfg.num_prompts)
+            rollout = self._rollout(model, examples, jax.random.fold_in(key, rounds))
             sampled += cfg.num_prompts
             # Per-completion reward metrics travel with their group; per-call ones (error counts) add up.
             per_row = {k: np.asarray(v) for k, v in rollout["reward_metrics"].items()
