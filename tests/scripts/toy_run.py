@@ -18,6 +18,9 @@ parser.add_argument("--num_processes", type=int, default=None)
 parser.add_argument("--port", type=int, default=None)
 parser.add_argument("--devices", type=int, default=8)
 parser.add_argument("--no_checkpoints", action="store_true")
+parser.add_argument("--mesh", default="-1,1,1", help="the training mesh")
+parser.add_argument("--rollout_mesh", default="", help="sampling's own mesh; empty: the training mesh")
+parser.add_argument("--adam_eps", type=float, default=1e-8)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -45,9 +48,11 @@ def reward_fn(examples, completions):
 
 
 cfg = GRPOConfig(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=1e-2, prompt_buckets=(8,),
-                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3)
-mesh = sharding.make_mesh((-1, 1, 1))
-trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh)
+                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3, adam_eps=args.adam_eps)
+mesh = sharding.make_mesh(args.mesh)
+rollout_mesh = sharding.make_mesh(args.rollout_mesh) if args.rollout_mesh else None
+trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh,
+                  rollout_mesh=rollout_mesh)
 workdir = pathlib.Path(args.workdir)
 workdir.mkdir(parents=True, exist_ok=True)
 if args.no_checkpoints:
