@@ -157,7 +157,8 @@ def build(config, *, warm_start: bool = False):
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
                          "seed": config.seed})
     mesh = sharding.make_mesh(config.mesh_shape)
-    rollout_mesh = sharding.make_mesh(config.rollout_mesh_shape) if config.rollout_mesh_shape else None
+    rollout_shape = config.get("rollout_mesh_shape", "")  # configs written before the field sample on `mesh`
+    rollout_mesh = sharding.make_mesh(rollout_shape) if rollout_shape else None
     for field, m in (("mesh_shape", mesh), ("rollout_mesh_shape", rollout_mesh)):
         batch_shards = 1 if m is None else m.shape["data"] * m.shape["fsdp"]
         if grpo.num_prompts % batch_shards:
