@@ -37,6 +37,7 @@ from grpo_jax.data import (
 )
 from grpo_jax.metrics import plot_metrics, read_jsonl
 from grpo_jax.models import ModelConfig, Transformer, load_hf_checkpoint
+from grpo_jax.sampling import prompt_sharding
 from grpo_jax.tokenizers import Tokenizer, load_tokenizer
 from grpo_jax.trainer import GRPOConfig, Trainer, train
 
@@ -160,10 +161,10 @@ def build(config, *, warm_start: bool = False):
     rollout_shape = config.get("rollout_mesh_shape", "")  # configs written before the field sample on `mesh`
     rollout_mesh = sharding.make_mesh(rollout_shape) if rollout_shape else None
     for field, m in (("mesh_shape", mesh), ("rollout_mesh_shape", rollout_mesh)):
-        batch_shards = 1 if m is None else m.shape["data"] * m.shape["fsdp"]
-        if grpo.num_prompts % batch_shards:
-            raise ValueError(f"config.grpo.num_prompts={grpo.num_prompts} must be divisible by the "
-                             f"config.{field} mesh's data x fsdp = {batch_shards} devices; change either.")
+        try:  # the sampler's own check, before any model or data is loaded
+            prompt_sharding(m, grpo.num_prompts)
+        except ValueError as error:
+            raise ValueError(f"config.grpo.num_prompts and config.{field}: {error}") from None
     max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)

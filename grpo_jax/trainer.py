@@ -243,6 +243,11 @@ def split_groups(x: jax.Array, parts: int, rows_per_prompt: int) -> jax.Array:
     return x.swapaxes(0, 1).reshape(parts, (prompts // parts) * rows_per_prompt, *x.shape[3:])
 
 
+def split_batch(batch: dict[str, jax.Array], parts: int, group_size: int) -> dict[str, jax.Array]:
+    """`split_groups` of every field: prompt fields have one row per prompt, the others `group_size`."""
+    return {k: split_groups(v, parts, 1 if k.startswith("prompt_") else group_size) for k, v in batch.items()}
+
+
 def merge_groups(x: jax.Array, rows_per_prompt: int) -> jax.Array:
     """The inverse of `split_groups`: `[parts, rows, ...]` -> `[parts * rows, ...]` in the batch's order."""
     parts, rows = x.shape[:2]
@@ -261,8 +266,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, opti
     steps = cfg.grad_accum_steps
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
 
-    prompt_keys = ("prompt_tokens", "prompt_mask")
-    micro = {k: split_groups(v, steps, 1 if k in prompt_keys else cfg.group_size) for k, v in batch.items()}
+    micro = split_batch(batch, steps, cfg.group_size)
     denominators = jax.vmap(functools.partial(losses.aggregation_denominator, mode=cfg.aggregation))(
         micro["completion_mask"])  # [steps]
     weights = denominators / jnp.maximum(denominators.sum(), 1.0)
@@ -356,8 +360,7 @@ class Trainer:
         parts = self.cfg.num_minibatches * self.cfg.grad_accum_steps
         if parts == 1:
             return logprobs(batch)
-        split = {k: split_groups(batch[k], parts, 1 if k.startswith("prompt") else self.cfg.group_size)
-                 for k in keys}
+        split = split_batch({k: batch[k] for k in keys}, parts, self.cfg.group_size)
         return merge_groups(jax.lax.map(logprobs, split), self.cfg.group_size)  # [parts, rows, T] -> [B, T]
 
     def _next_examples(self, count: int) -> list:
