@@ -17,6 +17,7 @@ grpo_iteration: whole GRPO iterations (sample + rewards + reference + update) on
   median matmul call, and the fastest iteration against the fastest call. The update runs on one device;
   sampling runs there and, on a CPU, also data-parallel over one CPU device per core (Trainer's
   `rollout_mesh`), both reported.
+roofline: the f32 matmul roofline alone (50 calls of a 2048 x 2048 matmul), e.g. under `taskset`.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
   G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
 """
@@ -40,7 +41,7 @@ from grpo_jax.sampling import SamplingConfig, sample
 from grpo_jax.trainer import GRPOConfig, Trainer
 
 _BENCH = flags.DEFINE_enum("bench", "logprobs_memory",
-                           ["logprobs_memory", "sampling", "grpo_iteration", "train_step"],
+                           ["logprobs_memory", "sampling", "grpo_iteration", "train_step", "roofline"],
                            "Which benchmark to run.")
 _VOCAB = flags.DEFINE_integer("vocab", 151936, "logprobs_memory: vocabulary size V.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "logprobs_memory: tokens B * T (as B=4 sequences).")
@@ -370,10 +371,17 @@ def bench_train_step() -> None:
           f"{rate / roofline.best:.0%} of the best call (target >= 50%)")
 
 
+def bench_roofline() -> None:
+    roofline = Roofline()
+    roofline.rates = matmul_calls(50)
+    print(f"{jax.default_backend()}: {roofline}")
+
+
 def main(argv) -> None:
     del argv
     benches = {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling,
-               "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step}
+               "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step,
+               "roofline": bench_roofline}
     if _BENCH.value == "grpo_iteration":  # before the backend starts: one CPU device per core
         jax.config.update("jax_num_cpu_devices", _rollout_devices())
     benches[_BENCH.value]()

@@ -112,27 +112,45 @@ def make_model(config, tokenizer: Tokenizer) -> Transformer:
         model = load_hf_checkpoint(config.checkpoint, **config.model)
     else:
         model = Transformer(ModelConfig(**config.model), nnx.Rngs(config.seed))
+    if config.init_perturbation:
+        model = perturbed(model, config.init_perturbation, jax.random.key(config.seed + 1))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}; raise config.model.vocab_size or change tokenizer.")
     return model
 
 
+def perturbed(model: Transformer, scale: float, key: jax.Array) -> Transformer:
+    """The model with N(0, scale^2) noise added to every parameter: the same seed on another trajectory, as
+    another machine's rounding would give (experiments/robustness.py)."""
+    graphdef, params = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
 def held_out_accuracy(config, model: Transformer, tokenizer: Tokenizer, grpo: GRPOConfig) -> float:
-    """Greedy accuracy on the first config.eval_examples problems of the task's test split."""
-    examples = make_examples(config, "test")
-    held_out = TokenizedDataset([examples[i] for i in range(min(config.eval_examples, len(examples)))],
-                                tokenizer, make_template(config.template),
+    """Greedy accuracy on the first config.eval_examples distinct problems of the task's test split (a
+    synthetic split may draw a problem twice; each counts once)."""
+    examples, chosen = make_examples(config, "test"), {}
+    for i in range(len(examples)):
+        if len(chosen) == config.eval_examples:
+            break
+        chosen.setdefault(examples[i]["prompt"], examples[i])
+    held_out = TokenizedDataset(list(chosen.values()), tokenizer, make_template(config.template),
                                 max_prompt_tokens=min(config.max_prompt_tokens, max(grpo.prompt_buckets)))
-    return evaluation.evaluate(model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=1,
-                               ks=(1,), max_new_tokens=grpo.max_new_tokens,
+    return evaluation.evaluate(model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=0,
+                               ks=(), max_new_tokens=grpo.max_new_tokens,
+                               batch_prompts=config.eval_batch_prompts,
                                buckets=grpo.prompt_buckets)["greedy_accuracy"]
 
 
-def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer,
-                          grpo: GRPOConfig) -> Transformer:
+def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer, grpo: GRPOConfig,
+                          workdir: pathlib.Path) -> Transformer:
     """Cold start: supervised training on "answer<eos>" completions until held-out greedy accuracy reaches
-    config.warm_start.threshold (or config.warm_start.steps steps), so GRPO starts with reward signal."""
+    config.warm_start.threshold (or config.warm_start.steps steps), so GRPO starts with reward signal.
+    Writes its steps, seconds and accuracy to workdir/warm_start.json."""
     ws = config.warm_start
 
     def target(example):
@@ -140,19 +158,26 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
 
     start = time.time()
     model, history = sft.warm_start(
-        model, dataset, target, steps=ws.steps, batch_size=ws.batch_size, learning_rate=ws.learning_rate,
+        model, dataset, target, steps=ws.steps, batch_size=ws.batch_size,
+        learning_rate=ws.learning_rate, ema=ws.ema,
         max_target_tokens=grpo.max_new_tokens, buckets=grpo.prompt_buckets, pad_id=tokenizer.pad_id,
-        evaluate=lambda m: held_out_accuracy(config, m, tokenizer, grpo), threshold=ws.threshold,
-        eval_every=ws.eval_every, seed=config.seed)
-    print(f"warm start: {history[-1]['step']} steps in {time.time() - start:.0f} s, loss "
-          f"{history[-1]['loss']:.3f}, held-out greedy accuracy {history[-1].get('eval', float('nan')):.3f}",
-          flush=True)
+        evaluate=lambda m: held_out_accuracy(config, m, tokenizer, grpo), threshold=ws.threshold or None,
+        eval_every=ws.eval_every, seed=config.seed, log_every=ws.eval_every,
+        print_fn=lambda line: print(line, flush=True))
+    last = history[-1]
+    summary = {"steps": last["step"], "seconds": time.time() - start, "loss": last["loss"],
+               "accuracy": last.get("eval")}
+    print(f"warm start: {summary['steps']} steps in {summary['seconds']:.0f} s, loss {summary['loss']:.3f}, "
+          f"held-out greedy accuracy {last.get('eval', float('nan')):.3f}", flush=True)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "warm_start.json").write_text(json.dumps(summary) + "\n")
     return model
 
 
-def build(config, *, warm_start: bool = False):
-    """Everything a run needs, checked before any expensive work starts; with `warm_start`, the model is
-    first trained supervised (config.warm_start) before GRPO."""
+def build(config, *, workdir: pathlib.Path | None = None):
+    """Everything a run needs, checked before any expensive work starts; with `workdir` (a fresh run), the
+    model is first trained supervised (config.warm_start) before GRPO."""
     tokenizer = make_tokenizer(config)
     grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
@@ -174,8 +199,8 @@ def build(config, *, warm_start: bool = False):
                          f"{grpo.max_new_tokens} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}.")
     reward_fn = make_reward_fn(config, tokenizer)
-    if warm_start and config.warm_start.steps:
-        model = supervised_warm_start(config, model, dataset, tokenizer, grpo)
+    if workdir is not None and config.warm_start.steps:
+        model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
     return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh)
 
 
@@ -188,7 +213,7 @@ def main(argv) -> None:
     workdir = pathlib.Path(_WORKDIR.value)
     # The warm start is part of a fresh run only: a resumed run restores its GRPO checkpoint instead.
     fresh = not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir())
-    trainer = build(config, warm_start=fresh)
+    trainer = build(config, workdir=workdir if fresh else None)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)

@@ -86,8 +86,8 @@ def evaluate(
       dataset: examples with "prompt_tokens" and "answer" (a `TokenizedDataset`).
       tokenizer: decodes completions; its stop, pad and vocabulary sizes configure the sampler.
       key: PRNG key; batch b samples with `fold_in(key, b)`, so no key is used twice.
-      num_samples: n, samples per prompt for pass@k and maj@k.
-      ks: the budgets k reported, each in [1, num_samples].
+      num_samples: n, samples per prompt for pass@k and maj@k; 0 for greedy accuracy alone.
+      ks: the budgets k reported, each in [1, num_samples]; empty when num_samples is 0.
       max_new_tokens: completion length limit.
       temperature: sampling temperature of the n samples (greedy accuracy always decodes at 0).
       batch_prompts: prompts per sampler call; the last batch is padded to it so one shape compiles.
@@ -98,7 +98,9 @@ def evaluate(
     """
     if len(dataset) == 0:
         raise ValueError("evaluate: the dataset is empty; pass at least one example.")
-    if not ks or any(not 1 <= k <= num_samples for k in ks):
+    if num_samples == 0 and ks:
+        raise ValueError(f"evaluate: ks={tuple(ks)} needs samples; pass num_samples >= {max(ks)} or ks=().")
+    if num_samples and (not ks or any(not 1 <= k <= num_samples for k in ks)):
         raise ValueError(f"evaluate: ks={tuple(ks)} must be non-empty with each k in [1, num_samples="
                          f"{num_samples}]; raise num_samples or drop the larger k.")
     if batch_prompts < 1:
@@ -106,7 +108,7 @@ def evaluate(
     common = dict(max_new_tokens=max_new_tokens, stop_tokens=tuple(tokenizer.stop_ids),
                   pad_id=tokenizer.pad_id, buckets=tuple(buckets), vocab_limit=tokenizer.vocab_size)
     greedy_cfg = SamplingConfig(group_size=1, temperature=0.0, **common)
-    sample_cfg = SamplingConfig(group_size=num_samples, temperature=temperature, **common)
+    sample_cfg = SamplingConfig(group_size=max(num_samples, 1), temperature=temperature, **common)
 
     greedy, passes, majorities = [], {k: [] for k in ks}, {k: [] for k in ks}
     for batch, start in enumerate(range(0, len(dataset), batch_prompts)):
@@ -114,11 +116,14 @@ def evaluate(
         prompts = [e["prompt_tokens"] for e in examples]
         prompts += [prompts[0]] * (batch_prompts - len(prompts))  # same shape every batch; results dropped
         greedy_key, sample_key = jax.random.split(jax.random.fold_in(key, batch))
-        greedy_answers = _answers(sample(model, prompts, greedy_key, greedy_cfg), tokenizer)
+        references = [rewards.reference_value(e["answer"], start + i)  # as accuracy_reward reads them
+                      for i, e in enumerate(examples)]
+        greedy_answers = _answers(sample(model, prompts, greedy_key, greedy_cfg), tokenizer)[:len(examples)]
+        greedy += [float(a == r) for a, r in zip(greedy_answers, references, strict=True)]
+        if not num_samples:
+            continue
         sampled_answers = _answers(sample(model, prompts, sample_key, sample_cfg), tokenizer)
-        for i, example in enumerate(examples):
-            reference = rewards.reference_value(example["answer"], start + i)  # as accuracy_reward reads it
-            greedy.append(float(greedy_answers[i] == reference))
+        for i, reference in enumerate(references):
             answers = sampled_answers[i * num_samples:(i + 1) * num_samples]
             num_correct = sum(answer == reference for answer in answers)
             for k in ks:

@@ -271,7 +271,7 @@ def _to_json_value(name: str, value: Any) -> int | float | None:
 # Progress line.
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """Durations for humans: '41s', '10m41s', '2h03m', '3d04h'."""
     seconds = max(0, round(seconds))
     minutes, secs = divmod(seconds, 60)
@@ -290,6 +290,35 @@ def _format_number(value: float | None) -> str:
     if value is None:
         return "nan"
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+class Progress:
+    """Progress lines with speed and ETA: 'step 12/200 (6%) | 3.41 s/step | ETA 10m41s | reward 0.53'.
+
+    `tick(step)` records when a step ended; the ETA is the median of the last `_DURATION_WINDOW` step
+    durations (robust to one slow step, e.g. a checkpoint save) times the steps left. The first line shows
+    no timing. `label` names the phase ("step", "warm start").
+    """
+
+    def __init__(self, total_steps: int, *, label: str = "step", clock: Callable[[], float] = time.time):
+        self.total_steps, self.label, self._clock = total_steps, label, clock
+        self._last: tuple[int, float] | None = None
+        self._durations: collections.deque[float] = collections.deque(maxlen=_DURATION_WINDOW)
+
+    def tick(self, step: int, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        if self._last is not None and step > self._last[0]:
+            self._durations.append((now - self._last[1]) / (step - self._last[0]))
+        self._last = (step, now)
+
+    def line(self, step: int, values: Sequence[tuple[str, float | None]] = ()) -> str:
+        parts = [f"{self.label} {step}/{self.total_steps} ({int(100 * step / self.total_steps)}%)"]
+        if self._durations:
+            seconds_per_step = statistics.median(self._durations)
+            remaining = max(0, self.total_steps - step) * seconds_per_step
+            parts += [f"{_format_number(seconds_per_step)} s/step", f"ETA {format_duration(remaining)}"]
+        parts += [f"{label} {_format_number(value)}" for label, value in values]
+        return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,8 +371,7 @@ class MetricsWriter:
         self._clock = clock
         self._jsonl = None  # Opened by the first write, once the step to resume from is known.
         self._last_step: int | None = None
-        self._last_time: float | None = None
-        self._durations: collections.deque[float] = collections.deque(maxlen=_DURATION_WINDOW)
+        self._progress = Progress(total_steps, clock=clock)
         self._closed = False
         now = self._clock()
         self.event_path, self._events = _create_event_file(self.workdir / TENSORBOARD_DIR, now)
@@ -393,21 +421,11 @@ class MetricsWriter:
         scalars = {name: math.nan if value is None else value for name, value in values.items()}
         self._write_event(_encode_event(now, step, scalars=scalars))
 
-        if self._last_step is not None:
-            self._durations.append((now - self._last_time) / (step - self._last_step))
-        self._last_step, self._last_time = step, now
+        self._progress.tick(step, now)
+        self._last_step = step
         if step % self.log_every == 0 or step >= self.total_steps:
-            self._print(self._progress_line(step, values))
-
-    def _progress_line(self, step: int, values: Mapping[str, int | float | None]) -> str:
-        """'step 12/200 (6%) | 3.41 s/step | ETA 10m41s | reward 0.53 | kl 0.0021'; no timing at first."""
-        parts = [f"step {step}/{self.total_steps} ({int(100 * step / self.total_steps)}%)"]
-        if self._durations:
-            seconds_per_step = statistics.median(self._durations)
-            remaining = max(0, self.total_steps - step) * seconds_per_step
-            parts += [f"{_format_number(seconds_per_step)} s/step", f"ETA {_format_duration(remaining)}"]
-        parts += [f"{label} {_format_number(values[key])}" for key, label in PROGRESS_KEYS if key in values]
-        return " | ".join(parts)
+            self._print(self._progress.line(
+                step, [(label, values[key]) for key, label in PROGRESS_KEYS if key in values]))
 
     def close(self) -> None:
         """Closes the files; further writes raise. Safe to call twice."""

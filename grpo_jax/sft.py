@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from grpo_jax.metrics import Progress
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.sampling import pad_prompts
 from grpo_jax.trainer import completion_logprobs
@@ -51,6 +52,7 @@ def warm_start(
     steps: int,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
+    ema: float = 0.0,
     max_target_tokens: int = 16,
     buckets: Sequence[int] = (16, 32, 64, 128),
     pad_id: int = 0,
@@ -58,24 +60,39 @@ def warm_start(
     threshold: float | None = None,
     eval_every: int = 25,
     seed: int = 0,
+    log_every: int = 0,
+    print_fn: Callable[[str], object] = print,
 ) -> tuple[Transformer, list[dict[str, float]]]:
-    """Train `model` on `target_fn(example)` completions until `evaluate(model) >= threshold` (checked every
-    `eval_every` steps) or `steps` steps. Returns the trained model and a history of
-    {"step", "loss"[, "eval"]} records. Examples are drawn from `dataset` in a seeded random order.
+    """Train `model` on `target_fn(example)` completions for `steps` steps, or until
+    `evaluate(model) >= threshold` (checked every `eval_every` steps) when a threshold is given. Returns the
+    trained model and a history of {"step", "loss"[, "eval"]} records. Examples are drawn from `dataset` in a
+    seeded random order, and trained with Adam at `learning_rate`. With `ema` > 0, the model evaluated and
+    returned is the exponential moving average of the params (Polyak averaging, `a <- ema * a + (1 - ema) *
+    params` after each step): a constant-rate Adam trajectory bounces (held-out accuracy can swing by 10
+    points between evaluations 25 steps apart), so a threshold checked on the raw params stops at a lucky
+    upswing that the next steps lose; the average moves slowly and crosses the threshold only for real.
+
+    With `log_every`, prints a progress line every that many steps and at every evaluation
+    ('warm start 150/2000 (7%) | 0.09 s/step | ETA 2m51s | loss 0.61 | eval 0.12'); the ETA is to `steps`,
+    an upper bound when a threshold may stop the run earlier.
     """
-    if (evaluate is None) != (threshold is None):
-        raise ValueError("warm_start needs both evaluate and threshold, or neither.")
+    if threshold is not None and evaluate is None:
+        raise ValueError("warm_start(threshold=...) needs evaluate= to check it.")
     graphdef, params = nnx.split(model)
     optimizer = optax.adam(learning_rate)
     opt_state = optimizer.init(params)
+    average = params  # the model evaluated and returned: params itself when ema == 0
 
     @jax.jit
-    def update(params, opt_state, batch):
+    def update(params, average, opt_state, batch):
         loss, grads = jax.value_and_grad(sft_loss)(params, graphdef, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        average = jax.tree.map(lambda a, p: ema * a + (1 - ema) * p, average, params)
+        return params, average, opt_state, loss
 
     rng = np.random.default_rng(seed)
+    progress = Progress(steps, label="warm start")
     history = []
     for step in range(1, steps + 1):
         examples = [dataset[int(i)] for i in rng.integers(0, len(dataset), batch_size)]
@@ -83,13 +100,15 @@ def warm_start(
         target_tokens, target_mask = pad_targets([target_fn(e) for e in examples], max_target_tokens, pad_id)
         batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, target_tokens=target_tokens,
                      target_mask=target_mask)
-        params, opt_state, loss = update(params, opt_state, jax.tree.map(jnp.asarray, batch))
+        batch = jax.tree.map(jnp.asarray, batch)
+        params, average, opt_state, loss = update(params, average, opt_state, batch)
         record = {"step": step, "loss": float(loss)}
         if evaluate is not None and (step % eval_every == 0 or step == steps):
-            record["eval"] = float(evaluate(nnx.merge(graphdef, params)))
-            history.append(record)
-            if record["eval"] >= threshold:
-                break
-        else:
-            history.append(record)
-    return nnx.merge(graphdef, params), history
+            record["eval"] = float(evaluate(nnx.merge(graphdef, average)))
+        history.append(record)
+        progress.tick(step)
+        if log_every and (step % log_every == 0 or "eval" in record):
+            print_fn(progress.line(step, [(k, v) for k, v in record.items() if k != "step"]))
+        if threshold is not None and "eval" in record and record["eval"] >= threshold:
+            break
+    return nnx.merge(graphdef, average), history

@@ -125,6 +125,26 @@ def test_evaluate_aggregates_scripted_completions(monkeypatch):
     assert len(keys) == 4 and len(set(keys)) == 4  # 2 batches x (greedy, sampled), no key used twice
 
 
+def test_evaluate_with_no_samples_decodes_greedily_only(monkeypatch):
+    dataset = _scripted_dataset()
+    index = {tuple(dataset[i]["prompt_tokens"]): i for i in range(len(dataset))}
+    temperatures = []
+
+    def fake_sample(model, prompts, key, config: SamplingConfig):
+        temperatures.append(config.temperature)
+        rows = [TOKENIZER.encode(GREEDY[index[tuple(p)]]) + [TOKENIZER.eos_id] for p in prompts]
+        tokens = np.array(rows, np.int32)
+        return SampleOutput(tokens, tokens > 0, np.array([len(r) for r in rows]), None, None, None, None)
+
+    monkeypatch.setattr(evaluation, "sample", fake_sample)
+    metrics = evaluate(None, dataset, TOKENIZER, key=jax.random.key(0), num_samples=0, ks=(),
+                       max_new_tokens=4, batch_prompts=2)
+    assert metrics == {"greedy_accuracy": pytest.approx(2 / 3)}
+    assert temperatures == [0.0, 0.0]  # two batches, no sampled pass
+    with pytest.raises(ValueError, match="ks=\\(1,\\) needs samples"):
+        evaluate(None, dataset, TOKENIZER, key=jax.random.key(0), num_samples=0, ks=(1,), max_new_tokens=4)
+
+
 def test_evaluate_rejects_k_above_num_samples():
     with pytest.raises(ValueError, match="ks=\\(1, 8\\)"):
         evaluate(None, _scripted_dataset(), TOKENIZER, key=jax.random.key(0), num_samples=4, ks=(1, 8),

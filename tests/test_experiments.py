@@ -46,12 +46,17 @@ def test_default_config_builds_a_trainer():
     assert list(rewards) == [0.0, 1.0] and "accuracy" in metrics
 
 
-def test_warm_start_trains_the_model_before_grpo(capsys):
+def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
     overrides = {"warm_start.steps": 3, "warm_start.eval_every": 1, "warm_start.threshold": 2.0,
                  "eval_examples": 8}
     plain = train_grpo.build(config(**overrides))
-    warmed = train_grpo.build(config(**overrides), warm_start=True)
-    assert "warm start: 3 steps" in capsys.readouterr().out  # an unreachable threshold: the step budget
+    warmed = train_grpo.build(config(**overrides), workdir=tmp_path)
+    out = capsys.readouterr().out
+    assert "warm start: 3 steps" in out  # an unreachable threshold: the step budget
+    # A progress line at each evaluation, with speed and ETA from the second step on.
+    assert "warm start 1/3 (33%) | loss" in out and "warm start 3/3 (100%) |" in out and "ETA 0s" in out
+    summary = json.loads((tmp_path / "warm_start.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["accuracy"] <= 1 and summary["seconds"] > 0
     before = plain.state.params["layers"][0]["mlp"]["up"]["kernel"][...]
     after = warmed.state.params["layers"][0]["mlp"]["up"]["kernel"][...]
     assert float(abs(before - after).max()) > 0

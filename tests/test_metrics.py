@@ -10,8 +10,8 @@ import pytest
 
 from grpo_jax.metrics import (
     MetricsWriter,
-    _format_duration,
     crc32c,
+    format_duration,
     plot_metrics,
     read_jsonl,
     read_tensorboard_scalars,
@@ -302,8 +302,8 @@ def test_last_step_is_printed_even_off_the_log_every_grid(tmp_path):
     (0, "0s"), (41.4, "41s"), (641.08, "10m41s"), (3600, "1h00m"), (7380, "2h03m"), (273_600, "3d04h"),
     (-5, "0s"),
 ])
-def test_format_duration(seconds, want):
-    assert _format_duration(seconds) == want
+def testformat_duration(seconds, want):
+    assert format_duration(seconds) == want
 
 
 # ----------------------------------------------------------------------------------------------------------

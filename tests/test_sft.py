@@ -52,5 +52,29 @@ def test_warm_start_learns_one_digit_addition():
 def test_errors():
     with pytest.raises(ValueError, match="1..3 tokens"):
         pad_targets([[1, 2, 3, 4]], 3, 0)
-    with pytest.raises(ValueError, match="both evaluate and threshold"):
+    with pytest.raises(ValueError, match="needs evaluate="):
         warm_start(Transformer(MODEL, nnx.Rngs(0)), dataset("train"), target, steps=1, threshold=0.5)
+
+
+def test_ema_returns_and_evaluates_the_moving_average_of_the_params():
+    train = dataset("train")
+
+    def run(steps, ema, evaluated=None):
+        model = Transformer(MODEL, nnx.Rngs(0))
+        evaluate = None if evaluated is None else (lambda m: evaluated.append(nnx.state(m)) or 0.0)
+        model, _ = warm_start(model, train, target, steps=steps, batch_size=8, buckets=(32,),
+                              max_target_tokens=4, ema=ema, evaluate=evaluate, eval_every=1)
+        return nnx.state(model)
+
+    p0 = nnx.state(Transformer(MODEL, nnx.Rngs(0)))
+    p1, p2 = run(1, 0.0), run(2, 0.0)  # the raw params after one and two steps (same data order)
+    evaluated = []
+    averaged = run(2, 0.5, evaluated)
+    # a1 = p0 / 2 + p1 / 2, a2 = a1 / 2 + p2 / 2
+    expected = jax.tree.map(lambda a, b, c: 0.25 * a + 0.25 * b + 0.5 * c, p0, p1, p2)
+    for got, want in zip(jax.tree.leaves(averaged), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    first = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, p0, p1)  # what the step-1 evaluation saw
+    for got, want in zip(jax.tree.leaves(evaluated[0]), jax.tree.leaves(first), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(abs(jax.tree.leaves(p2)[0] - jax.tree.leaves(averaged)[0]).max()) > 0

@@ -15,11 +15,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.init_perturbation = 0.0  # std of noise added to the initial params (robustness checks)
     config.num_steps = 300
     config.checkpoint_every = 50
     config.log_every = 1
     config.sample_every = 25
     config.eval_examples = 500
+    config.eval_batch_prompts = 16  # prompts per greedy decoding call of that evaluation
     config.mesh_shape = "1,-1,1"  # FSDP: params and optimizer state sharded over all devices
     config.rollout_mesh_shape = "-1,1,1"  # sampling data-parallel with whole params: no gather per token
 
@@ -36,11 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat=True))
 
     config.warm_start = ml_collections.ConfigDict(dict(
-        steps=0, batch_size=16, learning_rate=1e-5, threshold=1.0, eval_every=100))  # R1-Zero: none
+        steps=0, batch_size=16, learning_rate=1e-5, ema=0.0, threshold=1.0, eval_every=100))  # R1-Zero: none
 
     config.grpo = ml_collections.ConfigDict(dict(
         num_prompts=32, group_size=8, max_new_tokens=512, temperature=1.0, learning_rate=1e-6,
-        lr_schedule="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, beta=0.001,
+        warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, beta=0.001,
         kl_estimator="k3", epsilon=0.2, mu=1, num_minibatches=2, grad_accum_steps=2,
         aggregation="seq-mean-token-mean", prompt_buckets=(128, 256)))
     return config

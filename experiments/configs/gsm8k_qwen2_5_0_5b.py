@@ -16,11 +16,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.init_perturbation = 0.0  # std of noise added to the initial params (robustness checks)
     config.num_steps = 500
     config.checkpoint_every = 50
     config.log_every = 1
     config.sample_every = 25
     config.eval_examples = 500
+    config.eval_batch_prompts = 16  # prompts per greedy decoding call of that evaluation
     config.mesh_shape = "-1,1,1"  # ("data", "fsdp", "tensor")
     config.rollout_mesh_shape = ""  # sampling's own mesh; "" samples on config.mesh_shape
 
@@ -36,11 +38,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(param_dtype="float32", dtype="bfloat16", remat=True))
 
     config.warm_start = ml_collections.ConfigDict(dict(
-        steps=0, batch_size=16, learning_rate=1e-5, threshold=1.0, eval_every=100))  # instruct: none
+        steps=0, batch_size=16, learning_rate=1e-5, ema=0.0, threshold=1.0, eval_every=100))  # instruct: none
 
     config.grpo = ml_collections.ConfigDict(dict(
         num_prompts=32, group_size=16, max_new_tokens=512, temperature=1.0, learning_rate=1e-6,
-        lr_schedule="constant", warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0, beta=0.04,
+        warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0, beta=0.04,
         kl_estimator="k3", epsilon=0.2, mu=1, num_minibatches=2, grad_accum_steps=4,
         aggregation="seq-mean-token-mean", prompt_buckets=(128, 256)))
     return config
