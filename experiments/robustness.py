@@ -12,10 +12,12 @@ same seed other floating-point trajectories, as another machine would:
   perturbed  all cores, every initial parameter moved by N(0, 1e-6) noise (--config.init_perturbation)
   avx2       all cores, XLA's CPU code generated for AVX2 only (XLA_FLAGS=--xla_cpu_max_isa=AVX2)
 
-Prints (and writes to `<workdir>/robustness.md` and `.json`) one row per run: warm start steps and held-out
-accuracy, held-out greedy accuracy when GRPO starts and at the end, the lift, the wall time; then the
-median and minimum of lift and wall time, the CPU model and the f32 matmul roofline of each mode measured
-before and after the runs (`benchmark.py --bench=roofline` under the mode's own settings).
+Prints (and writes to `<workdir>/robustness.md` and `.json`) one row per run: warm start steps, time and
+held-out accuracy, held-out greedy accuracy when GRPO starts and at the end, the lift, the wall time, the
+CPU time (user + system of that process alone, which a virtual machine's stolen time does not inflate) and
+the f32 matmul roofline (the mean of one measurement right before and one right after the run, under the
+run's own settings, `benchmark.py --bench=roofline`: on a shared machine the speed drifts); then the median
+and minimum of lift and wall time, the CPU model and each mode's roofline before and after all runs.
 
 `--parallel=2` runs one_core jobs two at a time, each pinned to its own core (the other modes always run
 alone, so their wall times are those of a machine doing nothing else).
@@ -61,9 +63,9 @@ def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:
     return prefix, env
 
 
-def roofline(mode: str) -> float:
+def roofline(mode: str, core: int = 0) -> float:
     """Median GFLOP/s of a 2048 x 2048 f32 matmul in a fresh process under `mode`'s settings."""
-    prefix, env = mode_command(mode, 0)
+    prefix, env = mode_command(mode, core)
     done = subprocess.run([*prefix, sys.executable, str(ROOT / "experiments" / "benchmark.py"),
                            "--bench=roofline"], capture_output=True, text=True, env=env, check=True)
     return float(re.search(r"([\d.]+) GFLOP/s median", done.stdout).group(1))
@@ -78,15 +80,22 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
         overrides.append(f"--config.init_perturbation={_PERTURBATION.value}")
     command = [*prefix, sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
                f"--config={_CONFIG.value}", f"--workdir={rundir}", f"--config.seed={seed}", *overrides]
+    rate = roofline(mode, core)  # before and after the run: a shared machine's speed drifts
     start = time.perf_counter()
     rundir.mkdir(parents=True)
     with open(rundir / "console.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    row = dict(seed=seed, mode=mode, wall_s=time.perf_counter() - start, returncode=code)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # the CPU time of this run alone
+    wall = time.perf_counter() - start
+    rate = (rate + roofline(mode, core)) / 2  # and right after it
+    row = dict(seed=seed, mode=mode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
+               returncode=os.waitstatus_to_exitcode(status), roofline=rate)
+    code = row["returncode"]
     if code == 0:
         accuracy = json.loads((rundir / "accuracy.json").read_text())
         warm = json.loads((rundir / "warm_start.json").read_text())
-        row.update(warm_steps=warm["steps"], warm_accuracy=warm["accuracy"], start=accuracy["start"],
+        row.update(warm_steps=warm["steps"], warm_s=warm["seconds"], warm_accuracy=warm["accuracy"],
+                   start=accuracy["start"],
                    end=accuracy["end"], lift=accuracy["end"] - accuracy["start"],
                    examples=accuracy["examples"])
     print(format_row(row), flush=True)
@@ -96,8 +105,10 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
 def format_row(row: dict) -> str:
     if row["returncode"]:
         return f"| {row['seed']} | {row['mode']} | failed (exit {row['returncode']}, see its console.log) |"
-    return (f"| {row['seed']} | {row['mode']} | {row['warm_steps']} | {row['warm_accuracy']:.1%} | "
-            f"{row['start']:.1%} | {row['end']:.1%} | {100 * row['lift']:+.1f} | {row['wall_s']:.0f} s |")
+    return (f"| {row['seed']} | {row['mode']} | {row['warm_steps']} ({row['warm_s']:.0f} s) | "
+            f"{row['warm_accuracy']:.1%} | {row['start']:.1%} | {row['end']:.1%} | "
+            f"{100 * row['lift']:+.1f} | {row['wall_s']:.0f} s | {row['cpu_s']:.0f} s | "
+            f"{row['roofline']:.0f} |")
 
 
 def cpu_model() -> str:
@@ -120,8 +131,8 @@ def main(argv) -> None:
     seeds = [int(s) for s in _SEEDS.value]
     modes = list(dict.fromkeys(_MODES.value))
     rooflines = {m: [roofline(m)] for m in modes}
-    header = ("| seed | mode | warm start steps | warm start acc. | acc. at GRPO start | acc. at end | lift "
-              "(points) | wall |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    header = ("| seed | mode | warm start steps (time) | warm start acc. | acc. at GRPO start | acc. at end "
+              "| lift (points) | wall | CPU time | roofline GFLOP/s |\n" + "| --- " * 10 + "|")
     print(header, flush=True)
     rows = []
     for mode in modes:

@@ -47,6 +47,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (m
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "Stop after this many GRPO steps: the same steps as the full run's (the schedules "
+    "still span config.num_steps); the same command without it resumes and finishes the run.")
 
 REWARDS = {
     "accuracy": rewards_lib.accuracy_reward,
@@ -221,7 +224,8 @@ def main(argv) -> None:
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             start_file.write_text(json.dumps({"greedy_accuracy": start}) + "\n")
-    train(trainer, workdir, config.num_steps, checkpoint_every=config.checkpoint_every,
+    stop = config.num_steps if _STOP_AFTER.value is None else min(_STOP_AFTER.value, config.num_steps)
+    train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every,
           log_every=config.log_every, sample_every=config.sample_every)
     # Every process evaluates (the sampler's batch is sharded over all of them); process 0 reports.
     end = None

@@ -38,7 +38,7 @@ def config(**overrides):
 
 def test_default_config_builds_a_trainer():
     trainer = train_grpo.build(config())
-    assert trainer.cfg.stop_tokens == (1,) and trainer.cfg.total_steps == 350
+    assert trainer.cfg.stop_tokens == (1,) and trainer.cfg.total_steps == 400
     example = trainer.dataset[0]
     assert example["prompt_text"].startswith("What is ") and len(example["prompt_tokens"]) <= 32
     rewards, metrics = trainer.reward_fn([example, example], [[], trainer.dataset.tokenizer.encode(

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     # accuracy swings by up to 10 points between evaluations, and stopping at an upswing hands GRPO a model
     # weaker than measured (README, "Robustness").
     config.warm_start = ml_collections.ConfigDict(dict(
-        steps=2000, batch_size=64, learning_rate=3e-3, ema=0.99, threshold=0.3, eval_every=25))
+        steps=2000, batch_size=64, learning_rate=3e-3, ema=0.99, threshold=0.3, eval_every=50))
 
     # At a constant 1e-3 the policy sharpened onto its own answers (zero-variance groups 0.1 -> 0.7) and the
     # greedy accuracy stalled on some seeds; 6e-4 decayed to 0 (cosine) learns fast early and ends on an
