@@ -70,7 +70,12 @@ def make_examples(config, split: str):
     if config.task == "gsm8k":
         return load_gsm8k(split, **args)
     if config.task == "jsonl":
-        return load_jsonl(args.pop(f"{split}_path"), **args)
+        paths = {s: args.pop(f"{s}_path", "") for s in ("train", "test")}
+        missing = [f"config.task_args.{s}_path" for s, path in paths.items() if not path]
+        if missing:  # checked when the train split loads, before the warm start evaluates the test split
+            raise ValueError(f"config.task='jsonl' needs {' and '.join(missing)}: a JSONL file per split "
+                             "(GRPO trains on train_path, the held-out accuracy is measured on test_path).")
+        return load_jsonl(paths[split], **args)
     raise ValueError(f"config.task={config.task!r} must be arithmetic, countdown, gsm8k or jsonl.")
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -76,6 +77,30 @@ def test_inconsistent_configs_fail_fast(overrides, message):
         train_grpo.build(config(**overrides))
 
 
+def jsonl_config(tmp_path, **paths):
+    for split, numbers in (("train", range(10, 30)), ("test", range(50, 54))):
+        rows = [json.dumps({"question": f"What is {a} + 1?", "answer": a + 1}) for a in numbers]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = config(task="jsonl", eval_examples=4, **{"warm_start.steps": 0})
+    cfg.task_args = ml_collections.ConfigDict(
+        {**{f"{s}_path": str(tmp_path / f"{s}.jsonl") for s in ("train", "test")}, **paths,
+         "answer_after": None})
+    return cfg
+
+
+def test_jsonl_task_trains_on_its_train_file_and_evaluates_on_its_test_file(tmp_path):
+    cfg = jsonl_config(tmp_path)
+    trainer = train_grpo.build(cfg)
+    assert len(trainer.dataset) == 20 and trainer.dataset[0]["prompt_text"] == "What is 10 + 1?\n"
+    accuracy = train_grpo.held_out_accuracy(cfg, trainer.current_model(), trainer.dataset.tokenizer,
+                                            trainer.cfg)
+    assert 0.0 <= accuracy <= 1.0
+    metrics = trainer.iteration()
+    assert 0.0 <= metrics["reward_mean"] <= 1.0
+    with pytest.raises(ValueError, match="config.task_args.test_path"):
+        train_grpo.build(jsonl_config(tmp_path, test_path=""))
+
+
 def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
@@ -92,23 +117,26 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
 
 
 def test_shortened_default_run_learns(tmp_path):
-    """README's main command cut to 50 GRPO steps (warm start as shipped): the reward rises, and so does the
-    held-out greedy accuracy the run reports."""
+    """README's main command stopped after 100 of its 400 GRPO steps (`--stop_after`: the same steps as the
+    full run's). Over seeds x numerics modes (experiments/robustness.py; README, "Robustness") the reward on
+    the fresh training prompts of steps 91-100 exceeds that of steps 1-10 by RISE_MIN or more, and the
+    held-out accuracy at step 100 exceeds the start by LIFT_MIN or more; the test asks for well under both."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
          f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
-         "--config.seed=2", "--config.num_steps=50", "--config.checkpoint_every=50"],
+         "--config.seed=1", "--stop_after=100"],
         capture_output=True, text=True, timeout=900,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rewards = [json.loads(line)["reward_mean"] for line in lines]
-    assert len(rewards) == 50
-    assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.05, rewards
+    assert len(rewards) == 100
+    assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.08, rewards
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())
-    assert accuracy["end"] > accuracy["start"], accuracy
-    assert "held-out greedy accuracy on 200 test problems" in done.stdout
-    assert "sample at step 50:" in done.stdout
+    assert accuracy["end"] - accuracy["start"] > 0.08, accuracy
+    assert "held-out greedy accuracy on 500 test problems" in done.stdout
+    assert "warm start 50/2000 (2%) |" in done.stdout and "ETA" in done.stdout
+    assert "sample at step 100:" in done.stdout
 
 # ------------------------------------------------------------------------- Hugging Face checkpoint configs
 
