@@ -118,22 +118,27 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
 
 def test_shortened_default_run_learns(tmp_path):
     """README's main command stopped after 100 of its 400 GRPO steps (`--stop_after`: the same steps as the
-    full run's). Over seeds x numerics modes (experiments/robustness.py; README, "Robustness") the reward on
-    the fresh training prompts of steps 91-100 exceeds that of steps 1-10 by RISE_MIN or more, and the
-    held-out accuracy at step 100 exceeds the start by LIFT_MIN or more; the test asks for well under both."""
+    full run's), seed 0: the reward on fresh training prompts (steps 91-100 over steps 1-10) rises by more
+    than 0.1 and the held-out greedy accuracy by more than 10 points.
+
+    Measured for seed 0 in experiments/robustness.py's modes: all cores 0.31 and +29.6 points, perturbed
+    init 0.35 and +23.4, but one core 0.02 and +0.2 (its warm start never reached 30% in 2000 steps). Over
+    five seeds on all cores the rise at step 100 ranged 0.085-0.31. The default run is not yet robust
+    across trajectories (README, "Robustness"), so neither is this test: it holds on this machine's
+    two-core trajectory, as a check that the run as shipped learns where it is developed."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
          f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
-         "--config.seed=1", "--stop_after=100"],
+         "--config.seed=0", "--stop_after=100"],
         capture_output=True, text=True, timeout=900,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rewards = [json.loads(line)["reward_mean"] for line in lines]
     assert len(rewards) == 100
-    assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.08, rewards
+    assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.1, rewards
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())
-    assert accuracy["end"] - accuracy["start"] > 0.08, accuracy
+    assert accuracy["end"] - accuracy["start"] > 0.1, accuracy
     assert "held-out greedy accuracy on 500 test problems" in done.stdout
     assert "warm start 50/2000 (2%) |" in done.stdout and "ETA" in done.stdout
     assert "sample at step 100:" in done.stdout
