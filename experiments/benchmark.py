@@ -17,7 +17,8 @@ grpo_iteration: whole GRPO iterations (sample + rewards + reference + update) on
   median matmul call, and the fastest iteration against the fastest call. The update runs on one device;
   sampling runs there and, on a CPU, also data-parallel over one CPU device per core (Trainer's
   `rollout_mesh`), both reported.
-roofline: the f32 matmul roofline alone (50 calls of a 2048 x 2048 matmul), e.g. under `taskset`.
+roofline: the f32 matmul roofline alone (--calls timed 2048 x 2048 matmuls, 50 by default), e.g. under
+  `taskset`.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
   G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
 """
@@ -49,6 +50,7 @@ _DIM = flags.DEFINE_integer("dim", 896, "logprobs_memory: hidden width D.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "logprobs_memory: token_logprobs chunk_size.")
 _TIME = flags.DEFINE_bool("time", False, "logprobs_memory: also run loss + grad and time it.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
+_CALLS = flags.DEFINE_integer("calls", 50, "roofline: timed calls of the 2048 x 2048 matmul.")
 _GRAD_ACCUM = flags.DEFINE_integer(
     "grad_accum_steps", 8, "grpo_iteration, train_step: microbatches per update (the same work and the same "
     "update, see trainer.train_step; smaller microbatches stay in the CPU's caches).")
@@ -373,7 +375,7 @@ def bench_train_step() -> None:
 
 def bench_roofline() -> None:
     roofline = Roofline()
-    roofline.rates = matmul_calls(50)
+    roofline.rates = matmul_calls(_CALLS.value)
     print(f"{jax.default_backend()}: {roofline}")
 
 

@@ -50,6 +50,7 @@ _MODES = flags.DEFINE_list("modes", ["all_cores", "one_core", "perturbed"], f"Nu
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g. config.num_steps=100.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "one_core runs at a time, each on its own core.")
 _PERTURBATION = flags.DEFINE_float("perturbation", 1e-6, "perturbed mode: std of the init perturbation.")
+_ROOFLINE_CALLS = flags.DEFINE_integer("roofline_calls", 50, "Timed matmul calls per roofline measurement.")
 
 
 def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:
@@ -66,8 +67,9 @@ def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:
 def roofline(mode: str, core: int = 0) -> float:
     """Median GFLOP/s of a 2048 x 2048 f32 matmul in a fresh process under `mode`'s settings."""
     prefix, env = mode_command(mode, core)
-    done = subprocess.run([*prefix, sys.executable, str(ROOT / "experiments" / "benchmark.py"),
-                           "--bench=roofline"], capture_output=True, text=True, env=env, check=True)
+    command = [*prefix, sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--bench=roofline",
+               f"--calls={_ROOFLINE_CALLS.value}"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return float(re.search(r"([\d.]+) GFLOP/s median", done.stdout).group(1))
 
 
@@ -90,13 +92,11 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
     rate = (rate + roofline(mode, core)) / 2  # and right after it
     row = dict(seed=seed, mode=mode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
                returncode=os.waitstatus_to_exitcode(status), roofline=rate)
-    code = row["returncode"]
-    if code == 0:
+    if row["returncode"] == 0:
         accuracy = json.loads((rundir / "accuracy.json").read_text())
         warm = json.loads((rundir / "warm_start.json").read_text())
         row.update(warm_steps=warm["steps"], warm_s=warm["seconds"], warm_accuracy=warm["accuracy"],
-                   start=accuracy["start"],
-                   end=accuracy["end"], lift=accuracy["end"] - accuracy["start"],
+                   start=accuracy["start"], end=accuracy["end"], lift=accuracy["end"] - accuracy["start"],
                    examples=accuracy["examples"])
     print(format_row(row), flush=True)
     return row
@@ -112,12 +112,10 @@ def format_row(row: dict) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else ():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

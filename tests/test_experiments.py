@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -75,6 +76,35 @@ def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
 def test_inconsistent_configs_fail_fast(overrides, message):
     with pytest.raises(ValueError, match=message):
         train_grpo.build(config(**overrides))
+
+
+def test_init_perturbation_moves_every_initial_param_by_about_its_scale():
+    plain = jax.tree.leaves(train_grpo.build(config()).state.params)
+    moved = jax.tree.leaves(train_grpo.build(config(init_perturbation=1e-6)).state.params)
+    for a, b in zip(plain, moved, strict=True):
+        diff = np.abs(np.asarray(a) - np.asarray(b))
+        assert 0 < diff.max() < 1e-5 and np.std(np.asarray(b) - np.asarray(a)) == pytest.approx(1e-6, rel=0.5)
+
+
+def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_them(tmp_path):
+    short = ["config.num_steps=2", "config.warm_start.steps=4", "config.warm_start.eval_every=2",
+             "config.eval_examples=8", "config.grpo.num_prompts=4", "config.sample_every=0"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "robustness.py"), f"--workdir={tmp_path}",
+         "--seeds=0", "--modes=perturbed,one_core", "--roofline_calls=2", *(f"--set={s}" for s in short)],
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "robustness.json").read_text())
+    assert [(r["seed"], r["mode"], r["returncode"]) for r in result["rows"]] == [(0, "perturbed", 0),
+                                                                                 (0, "one_core", 0)]
+    for row in result["rows"]:
+        assert row["warm_steps"] == 4 and row["lift"] == pytest.approx(row["end"] - row["start"])
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["roofline"] > 0
+        assert json.loads((tmp_path / f"seed0_{row['mode']}" / "accuracy.json").read_text())["step"] == 2
+    table = (tmp_path / "robustness.md").read_text()
+    assert "| 0 | perturbed |" in table and "| 0 | one_core |" in table and "2/2 runs finished" in table
+    assert "lift: median" in table and "one_core" in table.splitlines()[1]  # the roofline per mode
 
 
 def jsonl_config(tmp_path, **paths):
