@@ -2,6 +2,7 @@ r"""Does the default experiment learn on every seed and every machine? Run it ov
 
   python experiments/robustness.py --workdir=/tmp/grpo_robustness
   python experiments/robustness.py --workdir=/tmp/r --seeds=0,1 --modes=one_core --set=config.num_steps=100
+  python experiments/robustness.py --workdir=/tmp/r --stop_after=100   # the shortened learning test's runs
 
 Each (seed, mode) is the README's main command (`experiments/train_grpo.py` with the config and
 `--config.seed=<seed>`) run as its own process in a fresh `<workdir>/seed<S>_<mode>`. The modes give the
@@ -51,6 +52,9 @@ _SET = flags.DEFINE_multi_string("set", [], "Config overrides for every run, e.g
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "one_core runs at a time, each on its own core.")
 _PERTURBATION = flags.DEFINE_float("perturbation", 1e-6, "perturbed mode: std of the init perturbation.")
 _ROOFLINE_CALLS = flags.DEFINE_integer("roofline_calls", 50, "Timed matmul calls per roofline measurement.")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "Stop every run after this many GRPO steps (train_grpo.py --stop_after): the spread "
+    "of the shortened learning test's measurements.")
 
 
 def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:
@@ -80,6 +84,8 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
     overrides = [f"--{o.removeprefix('--')}" for o in _SET.value]
     if mode == "perturbed":
         overrides.append(f"--config.init_perturbation={_PERTURBATION.value}")
+    if _STOP_AFTER.value is not None:
+        overrides.append(f"--stop_after={_STOP_AFTER.value}")
     command = [*prefix, sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
                f"--config={_CONFIG.value}", f"--workdir={rundir}", f"--config.seed={seed}", *overrides]
     rate = roofline(mode, core)  # before and after the run: a shared machine's speed drifts

@@ -146,32 +146,31 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
 
 
 
-def test_shortened_default_run_learns(tmp_path):
-    """README's main command stopped after 100 of its 400 GRPO steps (`--stop_after`: the same steps as the
-    full run's), seed 0: the reward on fresh training prompts (steps 91-100 over steps 1-10) rises by more
-    than 0.1 and the held-out greedy accuracy by more than 10 points.
+def test_default_run_learns(tmp_path):
+    """README's main command as shipped (seed 0, the warm start and all 400 GRPO steps): the held-out greedy
+    accuracy on 500 test problems rises by at least 30 points (issue 10's bar for every run), and the
+    sampled reward (mean of the last 10 steps over the first 10) by more than 0.4.
 
-    Measured for seed 0 in experiments/robustness.py's modes: all cores 0.31 and +29.6 points, perturbed
-    init 0.35 and +23.4, but one core 0.02 and +0.2 (its warm start never reached 30% in 2000 steps). Over
-    five seeds on all cores the rise at step 100 ranged 0.085-0.31. The default run is not yet robust
-    across trajectories (README, "Robustness"), so neither is this test: it holds on this machine's
-    two-core trajectory, as a check that the run as shipped learns where it is developed."""
+    Measured with experiments/robustness.py (README, "Robustness"): over 8 seeds x {all cores, one core,
+    perturbed init}, lifts of LIFTS points and reward rises of RISES; seed 0 alone SEED0. The threshold is
+    below the worst of those runs by MARGIN."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
-         f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
-         "--config.seed=0", "--stop_after=100"],
-        capture_output=True, text=True, timeout=900,
+         f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}"],
+        capture_output=True, text=True, timeout=1200,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    rewards = [json.loads(line)["reward_mean"] for line in lines]
-    assert len(rewards) == 100
-    assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.1, rewards
+    rewards = [json.loads(line)["reward_mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rewards) == 400
+    assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.4, rewards
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())
-    assert accuracy["end"] - accuracy["start"] > 0.1, accuracy
+    assert accuracy["end"] - accuracy["start"] >= 0.3, accuracy
     assert "held-out greedy accuracy on 500 test problems" in done.stdout
-    assert "warm start 50/2000 (2%) |" in done.stdout and "ETA" in done.stdout
-    assert "sample at step 100:" in done.stdout
+    assert "warm start 25/1000 (2%) |" in done.stdout and "ETA" in done.stdout
+    assert "sample at step 400:" in done.stdout
+    warm = json.loads((tmp_path / "warm_start.json").read_text())
+    assert warm["accuracy"] >= 0.3 and warm["steps"] < 1000  # it stopped at the threshold, not the cap
+
 
 # ------------------------------------------------------------------------- Hugging Face checkpoint configs
 
