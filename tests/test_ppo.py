@@ -1,5 +1,6 @@
 """PPO's critic side (token_rewards, gae, whiten, value_loss) against NumPy loops written from the papers."""
 
+import functools
 import itertools
 
 import jax
@@ -125,3 +126,72 @@ def test_value_loss_of_a_perfect_critic_is_zero_and_explains_all_variance():
     assert float(loss) == 0 and float(metrics["explained_variance"]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="clip_range=0"):
         value_loss(returns, returns, returns, jnp.asarray(mask), clip_range=0)
+
+
+# ----------------------------------------------------------------------------- PPO in the trainer
+
+
+def ppo_trainer(**overrides):
+    from test_trainer import make_trainer
+
+    return make_trainer(**{"algo": "ppo", **overrides})
+
+
+def test_ppo_learns_the_toy_task_and_its_critic_tracks_the_returns():
+    trainer = ppo_trainer(learning_rate=1e-2)
+    metrics = [trainer.iteration() for _ in range(12)]
+    rewards = [m["reward_mean"] for m in metrics]
+    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3
+    assert metrics[0]["value_mean"] == 0.0  # the zero-initialised head
+    assert abs(metrics[-1]["value_mean"] - metrics[-1]["return_mean"]) < 0.1
+    assert trainer.counters["critic_forward"] == 12 and trainer.counters["reference_forward"] == 0
+
+
+def test_the_critic_starts_as_a_copy_of_the_policy_with_a_zero_head():
+    trainer = ppo_trainer()
+    backbone = jax.tree.leaves(trainer.state.critic["backbone"])
+    for a, b in zip(jax.tree.leaves(trainer.state.params), backbone, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.any(np.asarray(trainer.state.critic["head"]["kernel"]))
+    assert make_grpo().state.critic is None
+
+
+def make_grpo():
+    from test_trainer import make_trainer
+
+    return make_trainer()
+
+
+@functools.lru_cache(maxsize=None)
+def run_ppo(**overrides):
+    """One iteration of two epochs (mu=2: the second epoch sees the values and ratios the first moved);
+    the policy's and the critic's params after it, and its metrics."""
+    trainer = ppo_trainer(mu=2, beta=0.1, learning_rate=1e-2, **overrides)
+    metrics = trainer.iteration()
+    leaves = jax.tree.leaves((trainer.state.params, trainer.state.critic))
+    return np.concatenate([np.ravel(x) for x in leaves]), metrics
+
+
+@pytest.mark.parametrize("option, value", [
+    ("gamma", 0.5), ("gae_lambda", 0.2), ("value_coef", 2.0), ("value_clip", 1e-4),
+    ("critic_learning_rate", 1e-1), ("kl_in_reward", True), ("whiten_advantages", False)])
+def test_every_ppo_option_changes_what_is_computed(option, value):
+    base_params, base_metrics = run_ppo()
+    params, metrics = run_ppo(**{option: value})
+    if option == "value_coef":  # Adam is scale-free: the weight shows in the loss (and in clipping)
+        assert metrics["loss"] != pytest.approx(base_metrics["loss"], rel=1e-4)
+    else:
+        assert np.abs(params - base_params).max() > 1e-6
+    if option == "value_clip":
+        assert metrics["value_clip_fraction"] > base_metrics["value_clip_fraction"]
+
+
+def test_ppo_config_errors_name_the_field():
+    from grpo_jax.trainer import GRPOConfig
+
+    for fields, message in [({"algo": "a2c"}, "algo"), ({"algo": "ppo", "gamma": 1.5}, "gamma"),
+                            ({"algo": "ppo", "gae_lambda": -0.1}, "gae_lambda"),
+                            ({"algo": "ppo", "value_clip": 0.0}, "value_clip"),
+                            ({"kl_in_reward": True}, "kl_in_reward")]:
+        with pytest.raises(ValueError, match=message):
+            GRPOConfig(**fields)
