@@ -183,9 +183,10 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
     return model
 
 
-def build(config, *, workdir: pathlib.Path | None = None):
+def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | None = None):
     """Everything a run needs, checked before any expensive work starts; with `workdir` (a fresh run), the
-    model is first trained supervised (config.warm_start) before GRPO."""
+    model is first trained supervised (config.warm_start) before GRPO. `model`: start from it instead of
+    config's (no warm start), e.g. one warm start shared by runs being compared."""
     tokenizer = make_tokenizer(config)
     grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
                          "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
@@ -201,13 +202,14 @@ def build(config, *, workdir: pathlib.Path | None = None):
     max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)
-    model = make_model(config, tokenizer)
+    warm_start = workdir is not None and config.warm_start.steps and model is None
+    model = make_model(config, tokenizer) if model is None else model
     if max(grpo.prompt_buckets) + grpo.max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"the largest prompt bucket {max(grpo.prompt_buckets)} + max_new_tokens="
                          f"{grpo.max_new_tokens} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}.")
     reward_fn = make_reward_fn(config, tokenizer)
-    if workdir is not None and config.warm_start.steps:
+    if warm_start:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
     return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh)
 

@@ -1,10 +1,15 @@
-"""Group-relative advantage estimators: the "no critic" half of GRPO.
+"""Advantage estimators: the group-relative ones of GRPO (no critic) and PPO's GAE over a learned critic.
 
 Rewards arrive flat, `[num_prompts * G]`, with the G completions of each prompt contiguous (the layout
-the sampler produces). Every estimator here is an option of one of two functions:
+the sampler produces). Every group estimator here is an option of one of two functions:
 
     group_advantages    one scalar reward per completion (outcome supervision)
     process_advantages  one reward per reasoning step (process supervision, DeepSeekMath 4.1.3)
+
+and the critic side, the baseline GRPO is measured against:
+
+    token_rewards       a completion's score on its last token, minus beta * KL on every token (PPO-RLHF)
+    gae                 generalised advantage estimation over per-token values, with the value targets
 
 Non-finite rewards (a reward function that failed) are left out of every statistic and get advantage 0,
 as do groups that carry no signal (all valid rewards equal, or fewer than two of them).
@@ -168,3 +173,113 @@ def group_has_signal(rewards: chex.Array, group_size: int) -> jax.Array:
 def zero_variance_fraction(rewards: chex.Array, group_size: int) -> jax.Array:
     """Fraction of groups whose valid rewards are all equal (they contribute no gradient)."""
     return 1.0 - group_has_signal(rewards, group_size).mean()
+
+
+def _last_token(mask: jax.Array) -> jax.Array:
+    """`[B, T]` bool: true at the last true entry of each row of a prefix mask."""
+    following = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    return mask & ~following
+
+
+def token_rewards(
+    scores: chex.Array,
+    mask: chex.Array,
+    *,
+    kl: chex.Array | None = None,
+    beta: float | chex.Array = 0.0,
+) -> chex.Array:
+    """Per-token rewards of PPO for language models: r_t = score * [t is the last token] - beta * KL_t.
+
+    The reward model's (or rule's) score of the whole completion lands on its last token, and a per-token
+    KL penalty against the reference policy is paid on every token (InstructGPT, arXiv 2203.02155 eq. 2;
+    Stiennon et al. 2020, arXiv 2009.01325 eq. 1). GRPO instead adds the KL to the loss (DeepSeekMath
+    eq. 3); a PPO run may do either.
+
+    Args:
+        scores: `[B]` one score per completion; non-finite scores (a failed reward function) count as 0.
+        mask: `[B, T]` bool prefix mask, true on completion tokens.
+        kl: `[B, T]` per-token KL estimates (e.g. `losses.kl_divergence`), needed when beta != 0.
+        beta: the KL coefficient.
+
+    Returns:
+        `[B, T]` float32 rewards, 0 where the mask is false.
+    """
+    chex.assert_rank([scores, mask], [1, 2], custom_message="scores must be [B] and mask [B, T]")
+    if scores.shape[0] != mask.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} rows but mask has {mask.shape[0]}; one score per "
+                         "completion.")
+    mask = jnp.asarray(mask).astype(bool)
+    scores = jnp.asarray(scores, jnp.float32)
+    scores = jnp.where(jnp.isfinite(scores), scores, 0.0)
+    rewards = jnp.where(_last_token(mask), scores[:, None], 0.0)
+    if kl is not None:
+        chex.assert_equal_shape([kl, mask], custom_message="kl vs mask")
+        rewards = rewards - beta * jnp.where(mask, jnp.asarray(kl, jnp.float32), 0.0)
+    elif not (isinstance(beta, (int, float)) and beta == 0):
+        raise ValueError(f"beta={beta} needs kl (per-token estimates); pass kl= or set beta=0.0.")
+    return jax.lax.stop_gradient(rewards)
+
+
+def gae(
+    rewards: chex.Array,
+    values: chex.Array,
+    mask: chex.Array,
+    *,
+    gamma: float | chex.Array = 1.0,
+    lam: float | chex.Array = 0.95,
+) -> tuple[jax.Array, jax.Array]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438 eq. 16) over tokens.
+
+      delta_t = r_t + gamma * m_{t+1} V_{t+1} - V_t
+      A_t     = delta_t + gamma * lam * m_{t+1} A_{t+1}
+      R_t     = A_t + V_t                       (the critic's regression target)
+
+    where m_{t+1} is 0 after a completion's last token, so the episode ends there (the value after it is
+    0). lam=1 gives the Monte-Carlo return minus V_t, lam=0 the one-step TD error.
+
+    Args:
+        rewards: `[B, T]` per-token rewards (`token_rewards`).
+        values: `[B, T]` V_t, the critic's value of the state before token t is chosen (the same positions
+            as the token's log-prob).
+        mask: `[B, T]` bool prefix mask, true on completion tokens.
+        gamma: discount, in [0, 1].
+        lam: GAE lambda, in [0, 1].
+
+    Returns:
+        (advantages, returns): `[B, T]` float32 each, 0 where the mask is false; both are constants (no
+        gradient flows through them).
+    """
+    chex.assert_rank([rewards, values, mask], 2, custom_message="rewards/values/mask must be [B, T]")
+    chex.assert_equal_shape([rewards, values, mask], custom_message="rewards/values/mask")
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if isinstance(value, (int, float)) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} must be in [0, 1] (1.0: no discount / Monte-Carlo).")
+    mask = jnp.asarray(mask).astype(bool)
+    rewards = jnp.where(mask, jnp.asarray(rewards, jnp.float32), 0.0)
+    values = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0))
+    following = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1).astype(jnp.float32)
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * following
+    deltas = rewards + gamma * next_values - values  # [B, T]
+
+    def step(carry, inputs):  # one token, from the last to the first
+        delta, cont = inputs
+        advantage = delta + gamma * lam * cont * carry
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(step, jnp.zeros(deltas.shape[0], jnp.float32),
+                                 (deltas.T, following.T), reverse=True)
+    advantages = jnp.where(mask, advantages.T, 0.0)
+    returns = jnp.where(mask, advantages + values, 0.0)
+    return jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(returns)
+
+
+def whiten(values: chex.Array, mask: chex.Array, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / (std + eps) over the true entries of `mask` (PPO's advantage normalisation over the
+    batch); 0 where the mask is false."""
+    chex.assert_equal_shape([values, mask], custom_message="values vs mask")
+    mask = jnp.asarray(mask).astype(bool)
+    values = jnp.asarray(values, jnp.float32)
+    count = jnp.maximum(mask.sum(), 1)
+    mean = jnp.where(mask, values, 0.0).sum() / count
+    std = jnp.sqrt(jnp.where(mask, jnp.square(values - mean), 0.0).sum() / count)
+    return jnp.where(mask, (values - mean) / (std + eps), 0.0)

@@ -7,6 +7,7 @@ anything (padding, -inf, NaN): they never reach the loss, its gradient or the me
   kl_divergence   per-token k1 / k2 / k3 estimates of KL(pi_theta || pi_ref)
   aggregate_loss  per-token values -> scalar (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm)
   policy_loss     clipped surrogate (GRPO / DAPO clip-higher / dual clip), GSPO or CISPO, + beta * KL
+  value_loss      PPO's clipped regression of a critic onto its GAE returns (the baseline GRPO drops)
 """
 
 from __future__ import annotations
@@ -250,4 +251,61 @@ def policy_loss(
         approx_kl=_masked_mean(kl_divergence(old_logprobs, logprobs, "k3"), mask),
         num_tokens=mask.sum().astype(jnp.float32),
     )
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def value_loss(
+    values: chex.Array,
+    old_values: chex.Array,
+    returns: chex.Array,
+    mask: chex.Array,
+    *,
+    clip_range: float | None = 0.2,
+    aggregation: Aggregation = "token-mean",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's critic loss: L = agg_t 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -c, c) - R_t)^2).
+
+    The clipped value objective of the PPO reference implementation (OpenAI baselines ppo2; Ouyang et al.
+    2022 and Ziegler et al. 2019 for language models): the new value may not move the loss below what a
+    step of more than `clip_range` from the rollout's value would give. clip_range=None: the plain squared
+    error 0.5 * (V_t - R_t)^2.
+
+    Args:
+      values: `[B, T]` the critic's current values; the gradient flows through these.
+      old_values: `[B, T]` the values when the rollout was collected; constant.
+      returns: `[B, T]` regression targets (`advantages.gae`'s returns); constant.
+      mask: `[B, T]` bool, true on completion tokens.
+      clip_range: c > 0, or None for no clipping.
+      aggregation: see `aggregate_loss` (token-mean by default, as PPO implementations average over tokens).
+
+    Returns:
+      (loss, metrics): the scalar loss and float32 scalars value_loss, value_clip_fraction (share of tokens
+      whose clipped error was the larger one, so their gradient is zero), value_mean, return_mean and
+      explained_variance = 1 - Var(R - V) / Var(R) over the masked tokens (1: perfect, <= 0: no better
+      than predicting the mean).
+    """
+    check_option("aggregation", aggregation, AGGREGATIONS)
+    chex.assert_rank([values, old_values, returns, mask], 2, custom_message="values/old_values/returns/mask")
+    chex.assert_equal_shape([values, old_values, returns, mask], custom_message="values/old_values/returns/mask")
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range={clip_range} must be > 0 (e.g. 0.2), or None for an unclipped loss.")
+    mask = jnp.asarray(mask).astype(bool)
+    values = jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0)
+    old_values = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(old_values, jnp.float32), 0.0))
+    returns = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(returns, jnp.float32), 0.0))
+    error = jnp.square(values - returns)
+    if clip_range is None:
+        per_token, clipped = 0.5 * error, jnp.zeros_like(mask)
+    else:
+        clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)
+        clipped_error = jnp.square(clipped_values - returns)
+        per_token, clipped = 0.5 * jnp.maximum(error, clipped_error), (clipped_error > error) & mask
+    loss = aggregate_loss(per_token, mask, aggregation)
+    residual_mean = _masked_mean(returns - values, mask)
+    residual_var = _masked_mean(jnp.square(returns - values - residual_mean), mask)
+    return_mean = _masked_mean(returns, mask)
+    return_var = _masked_mean(jnp.square(returns - return_mean), mask)
+    metrics = dict(value_loss=loss, value_clip_fraction=_masked_mean(clipped, mask),
+                   value_mean=_masked_mean(values, mask), return_mean=return_mean,
+                   explained_variance=1.0 - residual_var / jnp.maximum(return_var, 1e-8))
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -17,6 +17,11 @@ One iteration (`Trainer.step`), as named stages:
                  loss or gradient skips the update (counted) and leaves the parameters untouched
   9. reference reset  DeepSeekMath iterative GRPO: pi_ref <- pi_theta every `ref_update_every` steps
 
+With algo="ppo" the same loop is PPO with a learned critic, the baseline GRPO is measured against: a value
+model (a copy of the policy's backbone with a scalar head, initialised from the policy) gives per-token
+values, stage 5 becomes GAE over them (with the KL to the reference in the reward or in the loss), and stage
+8 also fits the critic with the clipped value loss, with its own optimizer.
+
 Every forward over completions runs the prompt once per group: the prompt's keys/values are a shared prefix
 for its G completions (`completion_logprobs`), so gradients reach the prompt positions through the broadcast.
 """
@@ -46,6 +51,9 @@ from grpo_jax.logprobs import token_logprobs
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positions_from_mask
 from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, prompt_sharding, sample
+
+
+ALGOS = ("grpo", "ppo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,16 @@ class GRPOConfig:
     loss_type: str = "grpo"
     aggregation: str = "seq-mean-token-mean"
     entropy_coef: float = 0.0  # entropy bonus: loss -= entropy_coef * aggregated entropy
+    # Algorithm: "grpo" (group-relative advantages, no critic) or "ppo" (a learned critic and GAE).
+    algo: str = "grpo"
+    # PPO only (see grpo_jax.advantages.gae / token_rewards and grpo_jax.losses.value_loss).
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5  # weight of the value loss in the reported loss and the critic's gradient
+    value_clip: float | None = 0.2
+    critic_learning_rate: float = 0.0  # 0: the policy's learning_rate
+    kl_in_reward: bool = False  # InstructGPT-style per-token -beta * KL reward instead of beta * KL loss
+    whiten_advantages: bool = True
     # Advantages (see grpo_jax.advantages.group_advantages).
     advantage_estimator: str = "grpo"
     advantage_scale: str = "group"
@@ -117,10 +135,17 @@ class GRPOConfig:
              "must be 'constant', 'cosine' or 'linear'"),
             (self.ref_update_every >= 0 and self.max_resample_rounds >= 0, "ref_update_every",
              "and max_resample_rounds must be >= 0"),
+            (0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]"),
+            (0.0 <= self.gae_lambda <= 1.0, "gae_lambda", "must be in [0, 1]"),
+            (self.value_coef > 0, "value_coef", "must be > 0"),
+            (self.value_clip is None or self.value_clip > 0, "value_clip", "must be > 0, or None (no clip)"),
+            (self.critic_learning_rate >= 0, "critic_learning_rate", "must be >= 0 (0: learning_rate)"),
+            (not (self.kl_in_reward and self.algo != "ppo"), "kl_in_reward", "needs algo='ppo'"),
         ]
         for ok, name, fix in problems:
             if not ok:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name.split(',')[0])!r} {fix}.")
+        check_option("GRPOConfig.algo", self.algo, ALGOS)
         check_option("GRPOConfig.loss_type", self.loss_type, losses.LOSS_TYPES)
         check_option("GRPOConfig.aggregation", self.aggregation, losses.AGGREGATIONS)
         check_option("GRPOConfig.kl_estimator", self.kl_estimator, losses.KL_ESTIMATORS)
@@ -135,7 +160,8 @@ class GRPOConfig:
 
     def loss_options(self) -> dict[str, Any]:
         constant_normaliser = self.aggregation == "seq-mean-token-sum-norm"
-        return dict(beta=self.beta, kl_estimator=self.kl_estimator, epsilon=self.epsilon,
+        beta = 0.0 if self.kl_in_reward else self.beta  # in the reward instead
+        return dict(beta=beta, kl_estimator=self.kl_estimator, epsilon=self.epsilon,
                     epsilon_high=self.epsilon_high, dual_clip=self.dual_clip, loss_type=self.loss_type,
                     aggregation=self.aggregation,
                     max_completion_length=self.max_new_tokens if constant_normaliser else None)
@@ -161,6 +187,15 @@ def completion_logprobs(
     B = N * G completion rows `[B, T]` (right-padded), whose hidden states predict the next token. Equal
     to the plain forward over [prompt ; completion] rows, at a fraction of the prompt cost.
     """
+    hidden = completion_hidden(model, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+    return token_logprobs(hidden, model.unembedding(), completion_tokens, temperature=temperature,
+                          chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def completion_hidden(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+                      completion_tokens: jax.Array, completion_mask: jax.Array) -> jax.Array:
+    """`[B, T, D]` final hidden states at the positions that predict each completion token (the state
+    before token t is chosen), the shared-prefix forward of `completion_logprobs`."""
     num_prompts = prompt_tokens.shape[0]
     group = completion_tokens.shape[0] // num_prompts
     prompt_positions = positions_from_mask(prompt_mask)
@@ -170,9 +205,23 @@ def completion_logprobs(
     positions = start + jnp.arange(inputs.shape[1])[None]
     hidden, _ = model(inputs, positions, causal_mask(input_mask), prefix=Prefix(prompt_kv, prompt_mask))
     # The prompt's last hidden state predicts the first completion token.
-    hidden = jnp.concatenate([jnp.repeat(hidden_prompt[:, -1:], group, axis=0), hidden], axis=1)
-    return token_logprobs(hidden, model.unembedding(), completion_tokens, temperature=temperature,
-                          chunk_size=chunk_size, return_entropy=return_entropy)
+    return jnp.concatenate([jnp.repeat(hidden_prompt[:, -1:], group, axis=0), hidden], axis=1)
+
+
+def init_critic(policy_params: nnx.State, hidden_size: int) -> dict:
+    """PPO's value model: a copy of the policy's params (its backbone) and a scalar head `hidden @ w + b`,
+    zero-initialised so the first values are 0."""
+    return {"backbone": jax.tree.map(jnp.copy, policy_params),
+            "head": {"kernel": jnp.zeros((hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}}
+
+
+def critic_values(critic: dict, graphdef, batch: dict[str, jax.Array]) -> jax.Array:
+    """`[B, T]` float32 values V_t of the state before each completion token."""
+    model = nnx.merge(graphdef, critic["backbone"])
+    hidden = completion_hidden(model, batch["prompt_tokens"], batch["prompt_mask"],
+                               batch["completion_tokens"], batch["completion_mask"])
+    head = critic["head"]
+    return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), head["kernel"]) + head["bias"]
 
 
 def overlong_penalty(lengths: np.ndarray, max_length: int, buffer: int) -> np.ndarray:
@@ -187,9 +236,14 @@ def overlong_penalty(lengths: np.ndarray, max_length: int, buffer: int) -> np.nd
 class TrainState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
+    critic: dict | None = None  # PPO's value model ({"backbone", "head"}); None for GRPO
+    critic_opt_state: optax.OptState | None = None
 
 
-def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: GRPOConfig, learning_rate: float | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping and AdamW on cfg's schedule, peaking at `learning_rate` (default
+    cfg.learning_rate; PPO's critic uses its own)."""
+    cfg = cfg if learning_rate is None else dataclasses.replace(cfg, learning_rate=learning_rate)
     warmup = max(cfg.warmup_steps, 0)
     steps_per_iteration = cfg.mu * cfg.num_minibatches
     decay_steps = max(cfg.total_steps * steps_per_iteration - warmup, 1)
@@ -213,6 +267,7 @@ def make_optimizer(cfg: GRPOConfig) -> optax.GradientTransformation:
 
 
 def _loss_fn(params, graphdef, batch, cfg: GRPOConfig):
+    params, critic = params if cfg.algo == "ppo" else (params, None)
     model = nnx.merge(graphdef, params)
     temperature = cfg.temperature or 1.0
     out = completion_logprobs(model, batch["prompt_tokens"], batch["prompt_mask"], batch["completion_tokens"],
@@ -228,6 +283,13 @@ def _loss_fn(params, graphdef, batch, cfg: GRPOConfig):
         loss = loss - cfg.entropy_coef * mean_entropy
         metrics["entropy"] = jax.lax.stop_gradient(mean_entropy)
         metrics["loss"] = jax.lax.stop_gradient(loss)
+    if critic is not None:  # the policy and the critic share no params: one loss, two disjoint gradients
+        values = critic_values(critic, graphdef, batch)
+        v_loss, value_metrics = losses.value_loss(values, batch["old_values"], batch["returns"],
+                                                  batch["completion_mask"], clip_range=cfg.value_clip,
+                                                  aggregation=cfg.aggregation)
+        loss = loss + cfg.value_coef * v_loss
+        metrics.update(value_metrics, loss=jax.lax.stop_gradient(loss))
     return loss, metrics
 
 
@@ -255,15 +317,18 @@ def merge_groups(x: jax.Array, rows_per_prompt: int) -> jax.Array:
     return x.reshape(parts * rows, *x.shape[3:])
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, optimizer, cfg: GRPOConfig):
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, optimizer, cfg: GRPOConfig,
+               critic_optimizer=None):
     """One optimizer update on a minibatch: `(state, batch) -> (state, metrics)`, pure, jitted by Trainer.
 
     The minibatch holds `n` prompts and their n * G completions; it is split into `grad_accum_steps`
     microbatches of whole groups. Each microbatch's gradient is weighted by its share of the aggregation's
     denominator (tokens for token-mean, non-empty rows otherwise), so the update is that of the whole
-    minibatch at once, whatever the split.
+    minibatch at once, whatever the split. With PPO the critic is fitted in the same pass, by
+    `critic_optimizer`.
     """
     steps = cfg.grad_accum_steps
+    trained = (state.params, state.critic) if cfg.algo == "ppo" else state.params
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
 
     micro = split_batch(batch, steps, cfg.group_size)
@@ -273,17 +338,39 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef, opti
 
     def accumulate(grads_sum, inputs):
         microbatch, weight = inputs
-        (_, metrics), grads = grad_fn(state.params, graphdef, microbatch, cfg)
+        (_, metrics), grads = grad_fn(trained, graphdef, microbatch, cfg)
         return jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trained)
     grads, metrics = jax.lax.scan(accumulate, zeros, (micro, weights))
     metrics = jax.tree.map(lambda m: jnp.sum(m * weights), metrics)
+    grads, critic_grads = grads if cfg.algo == "ppo" else (grads, None)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["skipped_updates"] = opt_state.total_notfinite.astype(jnp.float32)
-    return TrainState(params, opt_state), metrics
+    critic, critic_opt_state = state.critic, state.critic_opt_state
+    if critic_grads is not None:
+        updates, critic_opt_state = critic_optimizer.update(critic_grads, critic_opt_state, critic)
+        critic = optax.apply_updates(critic, updates)
+        metrics["critic_grad_norm"] = optax.global_norm(critic_grads)
+    return TrainState(params, opt_state, critic, critic_opt_state), metrics
+
+
+def ppo_targets(critic: dict, batch: dict[str, jax.Array], *, graphdef, cfg: GRPOConfig) -> dict:
+    """PPO's stage 5, in jit: the rollout's values, per-token rewards (the score on the last token, with
+    -beta * KL per token when cfg.kl_in_reward), GAE advantages (whitened over the batch unless
+    cfg.whiten_advantages is off) and the critic's regression targets."""
+    mask = batch["completion_mask"]
+    old_values = critic_values(critic, graphdef, batch)
+    kl = None
+    if cfg.kl_in_reward and cfg.beta:
+        kl = losses.kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator)
+    rewards = advantages_lib.token_rewards(batch["scores"], mask, kl=kl, beta=cfg.beta if kl is not None else 0.0)
+    advantages, returns = advantages_lib.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
+    if cfg.whiten_advantages:
+        advantages = advantages_lib.whiten(advantages, mask)
+    return dict(old_values=jnp.where(mask, old_values, 0.0), advantages=advantages, returns=returns)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -326,7 +413,17 @@ class Trainer:
             self.optimizer, lambda _, s: s, jax.eval_shape(self.optimizer.init, params), shardings,
             transform_non_params=lambda _: sharding.replicated(self.mesh))
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(params)
-        self.state = TrainState(params, opt_state)
+        self.critic_optimizer = critic = critic_opt_state = None
+        if cfg.algo == "ppo":
+            self.critic_optimizer = make_optimizer(cfg, cfg.critic_learning_rate or cfg.learning_rate)
+            critic = init_critic(params, model.config.hidden_size)
+            critic_shardings = {"backbone": shardings,
+                                "head": jax.tree.map(lambda _: sharding.replicated(self.mesh), critic["head"])}
+            critic = jax.device_put(critic, critic_shardings)
+            critic_opt_state = jax.jit(self.critic_optimizer.init, out_shardings=optax.tree_map_params(
+                self.critic_optimizer, lambda _, s: s, jax.eval_shape(self.critic_optimizer.init, critic),
+                critic_shardings, transform_non_params=lambda _: sharding.replicated(self.mesh)))(critic)
+        self.state = TrainState(params, opt_state, critic, critic_opt_state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         # Sampling may use its own layout (e.g. data-parallel over every device with whole params, where
         # training shards them): the policy is copied onto it once per iteration, not gathered every step.
@@ -340,10 +437,12 @@ class Trainer:
         self.counters = {"policy_forward": 0, "reference_forward": 0}
         self._timings = {"time_sampling": 0.0, "time_rewards": 0.0}
         self._train_step = jax.jit(
-            functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer, cfg=cfg),
+            functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer, cfg=cfg,
+                              critic_optimizer=self.critic_optimizer),
             in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
             donate_argnums=0)
         self._logprobs = jax.jit(self._batch_logprobs)
+        self._ppo_targets = jax.jit(functools.partial(ppo_targets, graphdef=self.graphdef, cfg=cfg))
 
     # -- stages ---------------------------------------------------------------------------------------
 
@@ -450,11 +549,14 @@ class Trainer:
         prompt_tokens, prompt_mask = pad_prompts([e["prompt_tokens"] for e in host["examples"]],
                                                  cfg.prompt_buckets, cfg.pad_id)
         completion_mask = host["mask"] & ~host["truncated"][:, None] if cfg.mask_truncated else host["mask"]
-        advantages = advantages_lib.group_advantages(
-            jnp.asarray(host["rewards"]), cfg.group_size, estimator=cfg.advantage_estimator,
-            scale=cfg.advantage_scale, eps=cfg.advantage_eps)
         arrays = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, completion_tokens=host["tokens"],
-                      completion_mask=completion_mask, advantages=np.asarray(advantages))
+                      completion_mask=completion_mask)
+        if cfg.algo == "ppo":  # GAE needs the critic: ppo_targets turns the scores into advantages
+            arrays["scores"] = host["rewards"]
+        else:
+            arrays["advantages"] = np.asarray(advantages_lib.group_advantages(
+                jnp.asarray(host["rewards"]), cfg.group_size, estimator=cfg.advantage_estimator,
+                scale=cfg.advantage_scale, eps=cfg.advantage_eps))
         return {k: sharding.put_global(v, sharding.batch_sharding(self.mesh, np.ndim(v)))
                 for k, v in arrays.items()}
 
@@ -490,15 +592,21 @@ class Trainer:
         if cfg.beta:
             batch["ref_logprobs"] = self._logprobs(self.ref_params, batch)
             self.counters["reference_forward"] += 1
-        if cfg.mu > 1:
+        if cfg.mu > 1 or (cfg.kl_in_reward and cfg.beta):
             batch["old_logprobs"] = self._logprobs(self.state.params, batch)
             self.counters["policy_forward"] += 1
+        if cfg.algo == "ppo":
+            batch.update(self._ppo_targets(self.state.critic, batch))
+            del batch["scores"]
+            self.counters["critic_forward"] = self.counters.get("critic_forward", 0) + 1
         jax.block_until_ready(batch)
         timings["time_reference"] = time.perf_counter() - start
 
         start = time.perf_counter()
         update_metrics = []
         for minibatch in self._minibatches(batch, shuffle_key):
+            self._minibatch_shapes = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), minibatch)
             self.state, metrics = self._train_step(self.state, minibatch)
             update_metrics.append(metrics)
         update_metrics = jax.device_get(update_metrics)
@@ -509,10 +617,36 @@ class Trainer:
             self.ref_params = jax.tree.map(jnp.copy, self.state.params)
         return self._metrics(host, info, update_metrics, timings)
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held between iterations: policy params, optimizer state, critic (+ its optimizer state)
+        and reference params."""
+        def size(tree):
+            return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+        return dict(params=size(self.state.params), opt_state=size(self.state.opt_state),
+                    critic=size(self.state.critic), critic_opt_state=size(self.state.critic_opt_state),
+                    ref_params=size(self.ref_params))
+
+    def train_step_memory(self) -> dict[str, int]:
+        """XLA's compiled memory of one train step (`memory_analysis()`) on the last iteration's minibatch
+        shapes, in bytes: arguments, outputs, temporaries, and peak = arguments + outputs + temporaries -
+        the donated (aliased) state."""
+        if not hasattr(self, "_minibatch_shapes"):
+            raise ValueError("train_step_memory() needs one iteration() first (it uses its batch shapes).")
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                             self.state)
+        analysis = self._train_step.lower(state, self._minibatch_shapes).compile().memory_analysis()
+        out = dict(arguments=analysis.argument_size_in_bytes, outputs=analysis.output_size_in_bytes,
+                   temporaries=analysis.temp_size_in_bytes, aliased=analysis.alias_size_in_bytes)
+        out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+        return out
+
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def _checkpoint_state(self) -> dict:
         state = {"params": self.state.params, "opt_state": self.state.opt_state, "rng": self.key}
+        if self.state.critic is not None:
+            state.update(critic=self.state.critic, critic_opt_state=self.state.critic_opt_state)
         if self.ref_params is not None:
             state["ref_params"] = self.ref_params
         return state
@@ -534,7 +668,8 @@ class Trainer:
         if changed:
             raise ValueError(f"{checkpointer.directory}: the checkpoint was written with a different "
                              f"GRPOConfig (fields {changed}); use a new workdir or the original config.")
-        self.state = TrainState(state["params"], state["opt_state"])
+        self.state = TrainState(state["params"], state["opt_state"], state.get("critic"),
+                                state.get("critic_opt_state"))
         # Back to an uncommitted host-made key, like a fresh run's, so it can meet arrays on any mesh.
         self.key = jax.random.wrap_key_data(sharding.to_host(jax.random.key_data(state["rng"])))
         self.ref_params = state.get("ref_params")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from grpo_jax.metrics import read_jsonl
 
@@ -37,12 +38,13 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    steps = 4
-    run(tmp_path / "straight", steps)
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_resume_after_sigkill_is_exact(tmp_path, algo):
+    steps, options = 4, ("--algo", algo)
+    run(tmp_path / "straight", steps, *options)
     # Same command, killed once step 2's checkpoint exists, then run again to the end.
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(command(resumed, steps), env=environment(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command(resumed, steps, *options), env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
@@ -51,11 +53,12 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     process.wait()
     assert (resumed / "checkpoints" / "2").is_dir()
     assert not (resumed / "params_0.npz").exists()  # it really died before finishing
-    output = run(resumed, steps)
+    output = run(resumed, steps, *options)
     assert "resumed from" in output
     straight_params = np.load(tmp_path / "straight" / "params_0.npz")
     resumed_params = np.load(resumed / "params_0.npz")
     assert sorted(straight_params) == sorted(resumed_params)
+    assert any(name.startswith("['critic']") for name in straight_params) == (algo == "ppo")
     for name in straight_params:
         np.testing.assert_array_equal(straight_params[name], resumed_params[name], err_msg=name)
     straight_metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")

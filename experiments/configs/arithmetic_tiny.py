@@ -50,5 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.grpo = ml_collections.ConfigDict(dict(
         num_prompts=32, group_size=16, max_new_tokens=6, temperature=1.0, learning_rate=6e-4,
         lr_schedule="cosine", warmup_steps=0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
-        aggregation="token-mean", prompt_buckets=(20,), grad_accum_steps=4))
+        aggregation="token-mean", prompt_buckets=(20,), grad_accum_steps=4,
+        # algo="ppo": the learned-critic baseline on the same loop (experiments/compare_grpo_ppo.py).
+        algo="grpo", gamma=1.0, gae_lambda=0.95, value_coef=0.5, value_clip=0.2, critic_learning_rate=0.0,
+        kl_in_reward=False, whiten_advantages=True))
     return config

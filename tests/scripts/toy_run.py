@@ -21,6 +21,7 @@ parser.add_argument("--no_checkpoints", action="store_true")
 parser.add_argument("--mesh", default="-1,1,1", help="the training mesh")
 parser.add_argument("--rollout_mesh", default="", help="sampling's own mesh; empty: the training mesh")
 parser.add_argument("--adam_eps", type=float, default=1e-8)
+parser.add_argument("--algo", default="grpo", help="grpo, or ppo (a critic, KL in the reward)")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -48,7 +49,8 @@ def reward_fn(examples, completions):
 
 
 cfg = GRPOConfig(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=1e-2, prompt_buckets=(8,),
-                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3, adam_eps=args.adam_eps)
+                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3, adam_eps=args.adam_eps,
+                 algo=args.algo, kl_in_reward=args.algo == "ppo")
 mesh = sharding.make_mesh(args.mesh)
 rollout_mesh = sharding.make_mesh(args.rollout_mesh) if args.rollout_mesh else None
 trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh,
@@ -60,7 +62,7 @@ if args.no_checkpoints:
         print(f"step {trainer.step + 1}: reward {trainer.iteration()['reward_mean']:.3f}", flush=True)
 else:
     train(trainer, workdir, args.steps, checkpoint_every=1, print_fn=lambda line: print(line, flush=True))
-leaves = jax.tree_util.tree_leaves_with_path(trainer.state.params)
+leaves = jax.tree_util.tree_leaves_with_path({"policy": trainer.state.params, "critic": trainer.state.critic})
 np.savez(workdir / f"params_{jax.process_index()}.npz",
          **{jax.tree_util.keystr(path): sharding.to_host(leaf) for path, leaf in leaves})
 sys.exit(0)
