@@ -1,7 +1,7 @@
 r"""GRPO against PPO with a learned critic, on the same task, warm start, seeds and sampled completions.
 
-  python experiments/compare_grpo_ppo.py --workdir=/tmp/grpo_vs_ppo
-  python experiments/compare_grpo_ppo.py --workdir=/tmp/c --seeds=0 --config.num_steps=100   # any field
+  python experiments/compare_grpo_ppo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo_vs_ppo
+  python experiments/compare_grpo_ppo.py --config=... --workdir=/tmp/c --seeds=0 --config.num_steps=100
 
 For each seed, one supervised warm start (config.warm_start) is shared by both algorithms; then GRPO
 (config.grpo as given) and PPO (the same with algo="ppo": a critic initialised from the policy, GAE) each
@@ -28,16 +28,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_grpo  # noqa: E402  (the experiment's own builders: task, rewards, warm start, evaluation)
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "experiments" / "configs" / "arithmetic_tiny.py"), "ml_collections config file.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the table, plot and JSON go.", required=True)
+# --config (the ml_collections file, any field overridable) and --workdir are train_grpo.py's own flags.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed), each with its own warm start.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every this many iterations.")
 _TARGET = flags.DEFINE_float("target", 0.8, "Held-out greedy accuracy for the time-to-accuracy columns.")
@@ -129,8 +124,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value)
+    config = flags.FLAGS.config
+    workdir = pathlib.Path(flags.FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in _SEEDS.value]
     for algo in ALGOS:  # every config error (either algorithm's) before the first warm start
