@@ -1,6 +1,7 @@
 r"""GRPO against PPO with a learned critic, on the same task, warm start, seeds and sampled completions.
 
-  python experiments/compare_grpo_ppo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo_vs_ppo
+  python experiments/compare_grpo_ppo.py --config=experiments/configs/arithmetic_tiny.py \
+      --workdir=/tmp/grpo_vs_ppo
   python experiments/compare_grpo_ppo.py --config=... --workdir=/tmp/c --seeds=0 --config.num_steps=100
 
 For each seed, one supervised warm start (config.warm_start) is shared by both algorithms; then GRPO
@@ -39,8 +40,9 @@ _TARGET = flags.DEFINE_float("target", 0.8, "Held-out greedy accuracy for the ti
 ALGOS = ("grpo", "ppo")
 
 
-def run_algo(config, model, seed: int, algo: str, print_fn=print) -> dict:
-    """Train one algorithm from `model` and measure it; the held-out evaluations are not timed."""
+def run_algo(config, model, seed: int, algo: str, workdir: pathlib.Path, print_fn=print) -> dict:
+    """Train one algorithm from `model` and measure it; the held-out evaluations are not timed. Every
+    iteration's metrics go to workdir/seed<S>_<algo>.jsonl."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.grpo.algo = algo
@@ -53,17 +55,20 @@ def run_algo(config, model, seed: int, algo: str, print_fn=print) -> dict:
 
     curve = [dict(step=0, completions=0, seconds=0.0, accuracy=accuracy())]
     step_seconds, trained = [], 0.0
+    log = open(workdir / f"seed{seed}_{algo}.jsonl", "w")
     while trainer.step < config.num_steps:
         start = time.perf_counter()
         metrics = trainer.iteration()
         jax.block_until_ready(trainer.state)
         step_seconds.append(time.perf_counter() - start)
+        log.write(json.dumps(metrics) + "\n")
         trained += step_seconds[-1]
         if trainer.step % _EVAL_EVERY.value == 0 or trainer.step == config.num_steps:
             curve.append(dict(step=trainer.step, completions=trainer.step * completions_per_step,
                               seconds=trained, accuracy=accuracy(), reward=metrics["reward_mean"]))
             print_fn(f"seed {seed} {algo}: step {trainer.step}/{config.num_steps}, {trained:.0f} s, "
                      f"held-out {curve[-1]['accuracy']:.1%}, reward {metrics['reward_mean']:.3f}")
+    log.close()
     reached = next((point for point in curve if point["accuracy"] >= _TARGET.value), None)
     held = trainer.state_bytes()
     return dict(seed=seed, algo=algo, curve=curve, state_bytes=held, held_bytes=sum(held.values()),
@@ -75,8 +80,9 @@ def run_algo(config, model, seed: int, algo: str, print_fn=print) -> dict:
 
 def format_table(rows: list[dict], target: float) -> str:
     mb = 2.0**20
-    lines = [f"| algorithm | seed | params + optimizer state (+ critic) | train step peak memory | s / iteration "
-             f"| completions to {target:.0%} | seconds to {target:.0%} | held-out: start -> end |",
+    lines = [f"| algorithm | seed | params + optimizer state (+ critic) | train step peak memory "
+             f"| s / iteration | completions to {target:.0%} | seconds to {target:.0%} "
+             "| held-out: start -> end |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         reached = row["reached"]
@@ -89,10 +95,13 @@ def format_table(rows: list[dict], target: float) -> str:
     for algo in ALGOS:
         mine = [r for r in rows if r["algo"] == algo]
         if mine:
-            lines.append(f"\n{algo}: median final held-out accuracy {statistics.median(r['end'] for r in mine):.1%}"
-                         f", median {statistics.median(r['seconds_per_iteration'] for r in mine):.3f} s per "
-                         f"iteration, {mine[0]['held_bytes'] / 2**20:.1f} MiB held, "
-                         f"{sum(r['reached'] is not None for r in mine)}/{len(mine)} seeds reached {target:.0%}")
+            final = statistics.median(r["end"] for r in mine)
+            per_iteration = statistics.median(r["seconds_per_iteration"] for r in mine)
+            reached = sum(r["reached"] is not None for r in mine)
+            held = mine[0]["held_bytes"] / 2**20
+            lines.append(f"\n{algo}: median final held-out accuracy {final:.1%}, median "
+                         f"{per_iteration:.3f} s per iteration, {held:.1f} MiB held, "
+                         f"{reached}/{len(mine)} seeds reached {target:.0%}")
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +151,8 @@ def main(argv) -> None:
         graphdef, params = nnx.split(warm)
         for algo in ALGOS:
             model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))  # the same start, a fresh copy
-            rows.append(run_algo(seeded, model, seed, algo, print_fn=lambda line: print(line, flush=True)))
+            rows.append(run_algo(seeded, model, seed, algo, workdir,
+                                 print_fn=lambda line: print(line, flush=True)))
             print(format_table(rows[-1:], _TARGET.value).splitlines()[2], flush=True)
     table = format_table(rows, _TARGET.value)
     (workdir / "comparison.md").write_text(table)

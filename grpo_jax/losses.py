@@ -286,7 +286,8 @@ def value_loss(
     """
     check_option("aggregation", aggregation, AGGREGATIONS)
     chex.assert_rank([values, old_values, returns, mask], 2, custom_message="values/old_values/returns/mask")
-    chex.assert_equal_shape([values, old_values, returns, mask], custom_message="values/old_values/returns/mask")
+    chex.assert_equal_shape([values, old_values, returns, mask],
+                            custom_message="values/old_values/returns/mask")
     if clip_range is not None and not clip_range > 0:
         raise ValueError(f"clip_range={clip_range} must be > 0 (e.g. 0.2), or None for an unclipped loss.")
     mask = jnp.asarray(mask).astype(bool)

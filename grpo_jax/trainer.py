@@ -52,7 +52,6 @@ from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positions_from_mask
 from grpo_jax.sampling import DEFAULT_BUCKETS, SamplingConfig, pad_prompts, prompt_sharding, sample
 
-
 ALGOS = ("grpo", "ppo")
 
 
@@ -366,7 +365,8 @@ def ppo_targets(critic: dict, batch: dict[str, jax.Array], *, graphdef, cfg: GRP
     kl = None
     if cfg.kl_in_reward and cfg.beta:
         kl = losses.kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], cfg.kl_estimator)
-    rewards = advantages_lib.token_rewards(batch["scores"], mask, kl=kl, beta=cfg.beta if kl is not None else 0.0)
+    rewards = advantages_lib.token_rewards(batch["scores"], mask, kl=kl,
+                                           beta=cfg.beta if kl is not None else 0.0)
     advantages, returns = advantages_lib.gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
     if cfg.whiten_advantages:
         advantages = advantages_lib.whiten(advantages, mask)
@@ -417,8 +417,8 @@ class Trainer:
         if cfg.algo == "ppo":
             self.critic_optimizer = make_optimizer(cfg, cfg.critic_learning_rate or cfg.learning_rate)
             critic = init_critic(params, model.config.hidden_size)
-            critic_shardings = {"backbone": shardings,
-                                "head": jax.tree.map(lambda _: sharding.replicated(self.mesh), critic["head"])}
+            head_shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), critic["head"])
+            critic_shardings = {"backbone": shardings, "head": head_shardings}
             critic = jax.device_put(critic, critic_shardings)
             critic_opt_state = jax.jit(self.critic_optimizer.init, out_shardings=optax.tree_map_params(
                 self.critic_optimizer, lambda _, s: s, jax.eval_shape(self.critic_optimizer.init, critic),

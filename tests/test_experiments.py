@@ -107,6 +107,29 @@ def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_the
     assert "lift: median" in table and "one_core" in table.splitlines()[1]  # the roofline per mode
 
 
+def test_compare_grpo_ppo_tabulates_both_algorithms_from_one_warm_start(tmp_path):
+    short = ["--config.num_steps=2", "--config.warm_start.steps=3", "--config.warm_start.eval_every=3",
+             "--config.eval_examples=8", "--config.grpo.num_prompts=4", "--config.grpo.grad_accum_steps=1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "compare_grpo_ppo.py"),
+         f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
+         "--seeds=0", "--eval_every=1", *short],
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert [(r["algo"], r["seed"]) for r in rows] == [("grpo", 0), ("ppo", 0)]
+    grpo, ppo = rows
+    assert grpo["start"] == ppo["start"]  # the same warm start
+    assert [p["step"] for p in grpo["curve"]] == [0, 1, 2] and grpo["curve"][2]["completions"] == 2 * 4 * 16
+    assert grpo["state_bytes"]["critic"] == 0 < ppo["state_bytes"]["critic"]
+    assert ppo["held_bytes"] > 1.9 * grpo["held_bytes"]  # the critic is a second model with its own Adam
+    assert ppo["train_step_memory"]["peak"] > grpo["train_step_memory"]["peak"]
+    assert len((tmp_path / "seed0_ppo.jsonl").read_text().splitlines()) == 2
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| grpo | 0 |" in table and "| ppo | 0 |" in table and (tmp_path / "comparison.png").stat().st_size
+
+
 def jsonl_config(tmp_path, **paths):
     for split, numbers in (("train", range(10, 30)), ("test", range(50, 54))):
         rows = [json.dumps({"question": f"What is {a} + 1?", "answer": a + 1}) for a in numbers]
@@ -161,7 +184,8 @@ def test_default_run_learns(tmp_path):
         capture_output=True, text=True, timeout=1200,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert done.returncode == 0, done.stderr[-3000:]
-    rewards = [json.loads(line)["reward_mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward_mean"] for line in lines]
     assert len(rewards) == 400
     assert np.mean(rewards[-10:]) - np.mean(rewards[:10]) > 0.4, rewards
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())

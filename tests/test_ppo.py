@@ -104,7 +104,8 @@ def test_value_loss_equals_the_clipped_formula_and_its_gradient_stops_where_clip
     values, old_values, returns = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
     loss, metrics = value_loss(jnp.asarray(values), jnp.asarray(old_values), jnp.asarray(returns),
                                jnp.asarray(mask), clip_range=clip_range)
-    assert float(loss) == pytest.approx(ref_value_loss(values, old_values, returns, mask, clip_range), rel=1e-5)
+    want = ref_value_loss(values, old_values, returns, mask, clip_range)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
     grad = jax.grad(lambda v: value_loss(v, jnp.asarray(old_values), jnp.asarray(returns), jnp.asarray(mask),
                                          clip_range=clip_range)[0])(jnp.asarray(values))
     if clip_range is None:
@@ -162,7 +163,7 @@ def make_grpo():
     return make_trainer()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run_ppo(**overrides):
     """One iteration of two epochs (mu=2: the second epoch sees the values and ratios the first moved);
     the policy's and the critic's params after it, and its metrics."""

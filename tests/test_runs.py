@@ -44,8 +44,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, algo):
     run(tmp_path / "straight", steps, *options)
     # Same command, killed once step 2's checkpoint exists, then run again to the end.
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(command(resumed, steps, *options), env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(resumed, steps, *options), env=environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
