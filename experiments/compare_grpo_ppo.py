@@ -10,8 +10,9 @@ train for config.num_steps iterations of config.grpo.num_prompts x group_size sa
 two differ only in where the advantages come from (group statistics or a critic) and what that costs.
 Every `--eval_every` iterations the held-out greedy accuracy is measured (its time is not counted).
 
-Writes to the workdir: comparison.md (the table), comparison.json (every measurement) and comparison.png
-(held-out accuracy against wall time and against sampled completions). Columns: bytes held between
+Writes to the workdir: comparison.md (the table), comparison.json (every measurement), comparison.png
+(held-out accuracy against wall time and against sampled completions) and seed<S>_<algo>.jsonl (each
+iteration's metrics: reward, value loss, explained variance, grad norms, ...). Columns: bytes held between
 iterations (params + optimizer state, + the critic and its optimizer state for PPO), the peak compiled
 memory of one train step (XLA's memory_analysis), median wall time per iteration, the completions and
 wall time until the held-out accuracy first reaches `--target`, and the final held-out accuracy.
