@@ -2,7 +2,7 @@ r"""Does the default experiment learn on every seed and every machine? Run it ov
 
   python experiments/robustness.py --workdir=/tmp/grpo_robustness
   python experiments/robustness.py --workdir=/tmp/r --seeds=0,1 --modes=one_core --set=config.num_steps=100
-  python experiments/robustness.py --workdir=/tmp/r --stop_after=100   # the shortened learning test's runs
+  python experiments/robustness.py --workdir=/tmp/r --stop_after=100   # the first 100 GRPO steps of each
 
 Each (seed, mode) is the README's main command (`experiments/train_grpo.py` with the config and
 `--config.seed=<seed>`) run as its own process in a fresh `<workdir>/seed<S>_<mode>`. The modes give the
@@ -53,8 +53,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "one_core runs at a time, each o
 _PERTURBATION = flags.DEFINE_float("perturbation", 1e-6, "perturbed mode: std of the init perturbation.")
 _ROOFLINE_CALLS = flags.DEFINE_integer("roofline_calls", 50, "Timed matmul calls per roofline measurement.")
 _STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", None, "Stop every run after this many GRPO steps (train_grpo.py --stop_after): the spread "
-    "of the shortened learning test's measurements.")
+    "stop_after", None, "Stop every run after this many GRPO steps (train_grpo.py --stop_after), e.g. to "
+    "measure the spread of a shortened run.")
 
 
 def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:

@@ -36,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Supervised cold start on "answer<eos>" completions, stopped once the held-out greedy accuracy of the
     # moving average of its params (ema) reaches the threshold: GRPO then starts from a partially competent
-    # policy that gets reward signal, and does the rest (30% -> 95-99%, README "Robustness"). At Adam 1e-3
-    # the supervised curve is smooth and every seed measured crossed 30% in 275-600 steps; at 3e-3 its
+    # policy that gets reward signal, and does the rest (30-48% -> 76-100%, README "Robustness"). At Adam
+    # 1e-3 the supervised curve is smooth and all 24 runs measured crossed 30% in 275-475 steps; at 3e-3 its
     # accuracy swung by 10-15 points and some trajectories were still below 10% after 2000 steps. The
     # average, not the raw params, is checked and returned: it crosses the threshold only for real.
     config.warm_start = ml_collections.ConfigDict(dict(
@@ -53,8 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
         aggregation="token-mean", prompt_buckets=(20,), grad_accum_steps=4,
         # algo="ppo": the learned-critic baseline on the same loop (experiments/compare_grpo_ppo.py). Its
         # advantages are not whitened: whitened, PPO seed 0 rose to 77.4% by step 200 and then collapsed to
-        # 1.2%; unwhitened it ended at 89.6%. A likely cause, not proven: as most answers turn right the
-        # advantages shrink, and whitening scales them, the critic's errors included, back to unit size.
+        # 1.2%; unwhitened it ended at 89.6% (seeds 1 and 2 still collapsed after their peak: README, "GRPO
+        # against PPO"). A likely cause, not proven: as most answers turn right the advantages shrink, and
+        # whitening scales them, the critic's errors included, back to unit size.
         algo="grpo", gamma=1.0, gae_lambda=0.95, value_coef=0.5, value_clip=0.2, critic_learning_rate=0.0,
         kl_in_reward=False, whiten_advantages=False))
     return config
