@@ -175,10 +175,14 @@ def zero_variance_fraction(rewards: chex.Array, group_size: int) -> jax.Array:
     return 1.0 - group_has_signal(rewards, group_size).mean()
 
 
+def _next(x: jax.Array) -> jax.Array:
+    """`[B, T]` -> x[:, t + 1] at t, 0 (False) after the last position."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
 def _last_token(mask: jax.Array) -> jax.Array:
     """`[B, T]` bool: true at the last true entry of each row of a prefix mask."""
-    following = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    return mask & ~following
+    return mask & ~_next(mask)
 
 
 def token_rewards(
@@ -257,8 +261,8 @@ def gae(
     mask = jnp.asarray(mask).astype(bool)
     rewards = jnp.where(mask, jnp.asarray(rewards, jnp.float32), 0.0)
     values = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0))
-    following = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1).astype(jnp.float32)
-    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1) * following
+    following = _next(mask).astype(jnp.float32)
+    next_values = _next(values) * following
     deltas = rewards + gamma * next_values - values  # [B, T]
 
     def step(carry, inputs):  # one token, from the last to the first
