@@ -37,9 +37,10 @@ from absl import app, flags
 from flax import nnx
 
 from grpo_jax import sampling, sharding, token_logprobs
+from grpo_jax.config import GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
 from grpo_jax.sampling import SamplingConfig, sample
-from grpo_jax.trainer import GRPOConfig, Trainer
+from grpo_jax.trainer import Trainer
 
 _BENCH = flags.DEFINE_enum("bench", "logprobs_memory",
                            ["logprobs_memory", "sampling", "grpo_iteration", "train_step", "roofline"],
@@ -311,9 +312,10 @@ def bench_grpo_iteration() -> None:
     results = {}
     for layout, rollout_mesh in layouts.items():
         for beta in (0.0, 0.04):
-            cfg = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
-                             prompt_buckets=(prompt_len,), beta=beta, learning_rate=1e-5,
-                             grad_accum_steps=_GRAD_ACCUM.value)
+            cfg = GRPOConfig.from_dict(dict(
+                sampling=dict(group_size=group_size, max_new_tokens=new_tokens, buckets=(prompt_len,)),
+                rollout=dict(num_prompts=num_prompts), loss=dict(beta=beta),
+                optimizer=dict(learning_rate=1e-5), updates=dict(grad_accum_steps=_GRAD_ACCUM.value)))
             trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), cfg, dataset, _constant_reward,
                               mesh=train_mesh, rollout_mesh=rollout_mesh)
             trainer.iteration()  # compile
@@ -350,16 +352,15 @@ def bench_train_step() -> None:
     roofline.measure()
     rng = np.random.default_rng(0)
     dataset = [{"prompt_tokens": rng.integers(1, 2048, prompt_len).tolist()} for _ in range(8)]
-    grpo = GRPOConfig(num_prompts=num_prompts, group_size=group_size, max_new_tokens=new_tokens,
-                      prompt_buckets=(prompt_len,), learning_rate=1e-5, grad_accum_steps=_GRAD_ACCUM.value)
+    grpo = GRPOConfig.from_dict(dict(
+        sampling=dict(group_size=group_size, max_new_tokens=new_tokens, buckets=(prompt_len,)),
+        rollout=dict(num_prompts=num_prompts), optimizer=dict(learning_rate=1e-5),
+        updates=dict(grad_accum_steps=_GRAD_ACCUM.value)))
     trainer = Trainer(Transformer(cfg, nnx.Rngs(0)), grpo, dataset, _constant_reward)
-    host, _ = trainer._collect(jax.random.key(0))
-    batch = trainer._device_batch(host)
-    state = trainer.state
+    batch = trainer.batch(trainer.collect(jax.random.key(0)))
 
     def step(_):
-        nonlocal state
-        state, metrics = trainer._train_step(state, batch)
+        trainer.state, metrics = trainer.train_step(trainer.state, batch)
         return metrics["loss"]
 
     _, seconds = _time_calls(step, _REPEATS.value)

@@ -4,10 +4,11 @@ r"""GRPO against PPO with a learned critic, on the same task, warm start, seeds 
       --workdir=/tmp/grpo_vs_ppo
   python experiments/compare_grpo_ppo.py --config=... --workdir=/tmp/c --seeds=0 --config.num_steps=100
 
-For each seed, one supervised warm start (config.warm_start) is shared by both algorithms; then GRPO
-(config.grpo as given) and PPO (the same with algo="ppo": a critic initialised from the policy, GAE) each
-train for config.num_steps iterations of config.grpo.num_prompts x group_size sampled completions, so the
-two differ only in where the advantages come from (group statistics or a critic) and what that costs.
+For each seed, one supervised warm start (config.warm_start) is shared by both algorithms; then GRPO (the
+config as given) and PPO (the same with algo="ppo": a critic initialised from the policy, GAE) each train
+for config.num_steps iterations of config.rollout.num_prompts x config.sampling.group_size sampled
+completions, so the two differ only in where the advantages come from (group statistics or a critic) and
+what that costs.
 Every `--eval_every` iterations the held-out greedy accuracy is measured (its time is not counted).
 
 Writes to the workdir: comparison.md (the table), comparison.json (every measurement), comparison.png
@@ -34,6 +35,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_grpo  # noqa: E402  (the experiment's own builders: task, rewards, warm start, evaluation)
 
+from grpo_jax.update import compiled_memory  # noqa: E402
+
 # --config (the ml_collections file, any field overridable) and --workdir are train_grpo.py's own flags.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed), each with its own warm start.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every this many iterations.")
@@ -46,13 +49,13 @@ def run_algo(config, model, seed: int, algo: str, workdir: pathlib.Path, print_f
     iteration's metrics go to workdir/seed<S>_<algo>.jsonl."""
     config = config.copy_and_resolve_references()
     with config.unlocked():
-        config.grpo.algo = algo
+        config.algo = algo
     trainer = train_grpo.build(config, model=model)
     tokenizer = trainer.dataset.tokenizer
-    completions_per_step = trainer.cfg.num_prompts * trainer.cfg.group_size
+    completions_per_step = trainer.cfg.rollout.num_prompts * trainer.cfg.sampling.group_size
 
     def accuracy():
-        return train_grpo.held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+        return train_grpo.held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
 
     curve = [dict(step=0, completions=0, seconds=0.0, accuracy=accuracy())]
     step_seconds, trained = [], 0.0
@@ -73,7 +76,8 @@ def run_algo(config, model, seed: int, algo: str, workdir: pathlib.Path, print_f
     reached = next((point for point in curve if point["accuracy"] >= _TARGET.value), None)
     held = trainer.state_bytes()
     return dict(seed=seed, algo=algo, curve=curve, state_bytes=held, held_bytes=sum(held.values()),
-                train_step_memory=trainer.train_step_memory(),
+                train_step_memory=compiled_memory(trainer.train_step, trainer.state,
+                                                  trainer.batch(trainer.last_rollout)),
                 seconds_per_iteration=statistics.median(step_seconds[1:] or step_seconds),
                 first_iteration_s=step_seconds[0], reached=reached, start=curve[0]["accuracy"],
                 end=curve[-1]["accuracy"])
@@ -141,14 +145,14 @@ def main(argv) -> None:
     for algo in ALGOS:  # every config error (either algorithm's) before the first warm start
         checked = config.copy_and_resolve_references()
         with checked.unlocked():
-            checked.grpo.algo = algo
+            checked.algo = algo
         train_grpo.build(checked)
     rows = []
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         with seeded.unlocked():
             seeded.seed = seed
-        warm = train_grpo.build(seeded, workdir=workdir / f"seed{seed}").current_model()
+        warm = train_grpo.build(seeded, workdir=workdir / f"seed{seed}").policy()
         graphdef, params = nnx.split(warm)
         for algo in ALGOS:
             model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))  # the same start, a fresh copy

@@ -3,10 +3,10 @@ r"""Evaluate a trained policy: greedy accuracy, pass@k and maj@k on a split of t
   python experiments/evaluate.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
   python experiments/evaluate.py --config=... --workdir=... --split=test --num_samples=16 --ks=1,4,16
 
-Pass the config the run trained with (with the same overrides): the policy is rebuilt exactly as training
-built it and the workdir's latest checkpoint is loaded into it; a workdir without one evaluates the freshly
-initialised (or imported, config.checkpoint) model. Prints one line per metric and writes
-<workdir>/eval_<split>.json.
+Pass the config the run trained with (with the same overrides): the model is built as training built it and
+only the policy's params are read from the workdir's latest checkpoint (no optimizer state, critic or
+reference); a workdir without one evaluates the freshly initialised (or imported, config.checkpoint) model.
+Prints one line per metric and writes <workdir>/eval_<split>.json.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import jax
 from absl import app, flags, logging
 
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from train_grpo import build, make_examples, make_template
+from flax import nnx
+from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer
 
+from grpo_jax import sharding
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.data import TokenizedDataset
 from grpo_jax.evaluation import evaluate
@@ -36,32 +38,37 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
     config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
-    trainer = build(config)
-    checkpoints = workdir / "checkpoints"
-    restored = False
+    tokenizer = make_tokenizer(config)
+    grpo = grpo_config(config, tokenizer)  # the run's config, checked before the model is built
+    graphdef, params = nnx.split(make_model(config, tokenizer))
+    checkpoints, step = workdir / "checkpoints", 0
     if checkpoints.is_dir():  # Checkpointer would create the directory: only open one that exists
         with Checkpointer(checkpoints) as checkpointer:
-            restored = trainer.restore(checkpointer)
-    if restored:
-        print(f"evaluating the checkpoint of step {trainer.step} in {checkpoints}")
+            if checkpointer.latest_step() is not None:
+                mesh = sharding.make_mesh(config.mesh_shape)
+                abstract = {"params": sharding.param_shardings(params, mesh)}
+                abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        {"params": params}, abstract)
+                restored, _, step = checkpointer.restore(abstract, partial=True)
+                params = restored["params"]
+    if step:
+        print(f"evaluating the checkpoint of step {step} in {checkpoints}")
     else:
         source = config.checkpoint or "random initialisation"
         print(f"no checkpoint in {checkpoints}: evaluating the untrained model ({source})")
 
-    tokenizer = trainer.dataset.tokenizer
     examples = make_examples(config, _SPLIT.value)
     examples = [examples[i] for i in range(min(_NUM_EXAMPLES.value, len(examples)))]
-    buckets = trainer.cfg.prompt_buckets
+    buckets = grpo.sampling.buckets
     dataset = TokenizedDataset(examples, tokenizer, make_template(config.template),
                                max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
-    metrics = evaluate(trainer.current_model(), dataset, tokenizer,
-                       key=jax.random.key(_SEED.value),
+    metrics = evaluate(nnx.merge(graphdef, params), dataset, tokenizer, key=jax.random.key(_SEED.value),
                        num_samples=_NUM_SAMPLES.value, ks=[int(k) for k in _KS.value],
-                       max_new_tokens=trainer.cfg.max_new_tokens, temperature=_TEMPERATURE.value,
+                       max_new_tokens=grpo.sampling.max_new_tokens, temperature=_TEMPERATURE.value,
                        buckets=buckets)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
-    result = {**metrics, "step": trainer.step, "split": _SPLIT.value, "num_examples": len(dataset),
+    result = {**metrics, "step": step, "split": _SPLIT.value, "num_examples": len(dataset),
               "num_samples": _NUM_SAMPLES.value, "temperature": _TEMPERATURE.value}
     path = workdir / f"eval_{_SPLIT.value}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 r"""Train a policy with GRPO: an ml_collections config file plus a workdir.
 
   python experiments/train_grpo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
-  python experiments/train_grpo.py --config=... --workdir=... --config.grpo.beta=0.04   # any field
+  python experiments/train_grpo.py --config=... --workdir=... --config.loss.beta=0.04   # any field
 
 Running the same command again resumes from the workdir's latest checkpoint. Outputs in the workdir:
 checkpoints/, metrics.jsonl, TensorBoard events, plots.png, samples.jsonl (a few completions every
@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from grpo_jax import evaluation, sft, sharding
 from grpo_jax import rewards as rewards_lib
+from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.data import (
     PLAIN,
     R1_ZERO,
@@ -39,7 +40,7 @@ from grpo_jax.metrics import plot_metrics, read_jsonl
 from grpo_jax.models import ModelConfig, Transformer, load_hf_checkpoint
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.tokenizers import Tokenizer, load_tokenizer
-from grpo_jax.trainer import GRPOConfig, Trainer, train
+from grpo_jax.trainer import Trainer, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
@@ -146,12 +147,12 @@ def held_out_accuracy(config, model: Transformer, tokenizer: Tokenizer, grpo: GR
         if len(chosen) == config.eval_examples:
             break
         chosen.setdefault(examples[i]["prompt"], examples[i])
+    buckets = grpo.sampling.buckets
     held_out = TokenizedDataset(list(chosen.values()), tokenizer, make_template(config.template),
-                                max_prompt_tokens=min(config.max_prompt_tokens, max(grpo.prompt_buckets)))
+                                max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
     return evaluation.evaluate(model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=0,
-                               ks=(), max_new_tokens=grpo.max_new_tokens,
-                               batch_prompts=config.eval_batch_prompts,
-                               buckets=grpo.prompt_buckets)["greedy_accuracy"]
+                               ks=(), max_new_tokens=grpo.sampling.max_new_tokens,
+                               batch_prompts=config.eval_batch_prompts, buckets=buckets)["greedy_accuracy"]
 
 
 def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer, grpo: GRPOConfig,
@@ -168,7 +169,8 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
     model, history = sft.warm_start(
         model, dataset, target, steps=ws.steps, batch_size=ws.batch_size,
         learning_rate=ws.learning_rate, ema=ws.ema,
-        max_target_tokens=grpo.max_new_tokens, buckets=grpo.prompt_buckets, pad_id=tokenizer.pad_id,
+        max_target_tokens=grpo.sampling.max_new_tokens, buckets=grpo.sampling.buckets,
+        pad_id=tokenizer.pad_id,
         evaluate=lambda m: held_out_accuracy(config, m, tokenizer, grpo), threshold=ws.threshold or None,
         eval_every=ws.eval_every, seed=config.seed, log_every=ws.eval_every,
         print_fn=lambda line: print(line, flush=True))
@@ -183,30 +185,38 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
     return model
 
 
+def grpo_config(config, tokenizer: Tokenizer) -> GRPOConfig:
+    """The run's GRPOConfig from config's sections, with the sampler's tokenizer fields filled in."""
+    sections = {name: config[name].to_dict() for name in SECTIONS}
+    sections["sampling"].update(stop_tokens=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
+                                vocab_limit=tokenizer.vocab_size)
+    return GRPOConfig.from_dict({**sections, "algo": config.algo, "num_steps": config.num_steps,
+                                 "seed": config.seed})
+
+
 def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | None = None):
     """Everything a run needs, checked before any expensive work starts; with `workdir` (a fresh run), the
     model is first trained supervised (config.warm_start) before GRPO. `model`: start from it instead of
     config's (no warm start), e.g. one warm start shared by runs being compared."""
     tokenizer = make_tokenizer(config)
-    grpo = GRPOConfig(**{**config.grpo, "stop_tokens": tuple(tokenizer.stop_ids), "pad_id": tokenizer.pad_id,
-                         "vocab_limit": tokenizer.vocab_size, "total_steps": config.num_steps,
-                         "seed": config.seed})
+    grpo = grpo_config(config, tokenizer)
     mesh = sharding.make_mesh(config.mesh_shape)
     rollout_shape = config.get("rollout_mesh_shape", "")  # configs written before the field sample on `mesh`
     rollout_mesh = sharding.make_mesh(rollout_shape) if rollout_shape else None
     for field, m in (("mesh_shape", mesh), ("rollout_mesh_shape", rollout_mesh)):
         try:  # the sampler's own check, before any model or data is loaded
-            prompt_sharding(m, grpo.num_prompts)
+            prompt_sharding(m, grpo.rollout.num_prompts)
         except ValueError as error:
-            raise ValueError(f"config.grpo.num_prompts and config.{field}: {error}") from None
-    max_prompt = min(config.max_prompt_tokens, max(grpo.prompt_buckets))
+            raise ValueError(f"config.rollout.num_prompts and config.{field}: {error}") from None
+    buckets = grpo.sampling.buckets
+    max_prompt = min(config.max_prompt_tokens, max(buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)
     warm_start = workdir is not None and config.warm_start.steps and model is None
     model = make_model(config, tokenizer) if model is None else model
-    if max(grpo.prompt_buckets) + grpo.max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"the largest prompt bucket {max(grpo.prompt_buckets)} + max_new_tokens="
-                         f"{grpo.max_new_tokens} exceeds the model's max_position_embeddings="
+    if max(buckets) + grpo.sampling.max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"the largest prompt bucket {max(buckets)} + config.sampling.max_new_tokens="
+                         f"{grpo.sampling.max_new_tokens} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}.")
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start:
@@ -227,7 +237,7 @@ def main(argv) -> None:
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)
-        start = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+        start = held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             start_file.write_text(json.dumps({"greedy_accuracy": start}) + "\n")
@@ -237,7 +247,7 @@ def main(argv) -> None:
     # Every process evaluates (the sampler's batch is sharded over all of them); process 0 reports.
     end = None
     if config.eval_examples:
-        end = held_out_accuracy(config, trainer.current_model(), tokenizer, trainer.cfg)
+        end = held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
     if jax.process_index() != 0:
         return
     records = read_jsonl(workdir / "metrics.jsonl")

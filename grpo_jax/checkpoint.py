@@ -112,6 +112,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for item, args in ((_STATE, ocp.args.StandardSave), (_STATE, ocp.args.StandardRestore),
+                           (_STATE, ocp.args.PyTreeRestore),
                            (_METADATA, ocp.args.JsonSave), (_METADATA, ocp.args.JsonRestore)):
             registry.add(item, args)
         options = ocp.CheckpointManagerOptions(
@@ -156,8 +157,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
         return saved
 
-    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict, int]:
+    def restore(self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
+                ) -> tuple[PyTree, dict, int]:
         """Restore (state, metadata, step) from `step` (default: the latest).
+
+        With `partial`, `abstract_state` may be a part of the saved tree (e.g. `{"params": ...}` alone, for
+        evaluation): only that part is read.
 
         `abstract_state` has the structure of the saved state with jax.ShapeDtypeStruct leaves that carry a
         `.sharding` (or real arrays, whose shape, dtype and sharding are used): each array comes back with
@@ -174,9 +179,15 @@ class Checkpointer:
                                     f"{self.all_steps()}.")
         abstract = _named_leaves(abstract_state, "abstract_state")
         targets = {names: self._target(names, leaf) for names, leaf in abstract.items()}
-        self._check_matches(step, targets)
-        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_nest(targets)),
-                                     _METADATA: ocp.args.JsonRestore()})
+        self._check_matches(step, targets, partial=partial)
+        if partial:
+            restore_args = {names: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                        dtype=t.dtype) for names, t in targets.items()}
+            state_args = ocp.args.PyTreeRestore(_nest(targets), restore_args=_nest(restore_args),
+                                                partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(_nest(targets))
+        args = ocp.args.Composite(**{_STATE: state_args, _METADATA: ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
         values = []
         for names, leaf in abstract.items():
@@ -210,12 +221,13 @@ class Checkpointer:
                                         sharding=sharding)
         return jax.ShapeDtypeStruct(leaf.shape, _canonical(leaf.dtype), sharding=sharding)
 
-    def _check_matches(self, step: int, targets: dict[tuple[str, ...], jax.ShapeDtypeStruct]):
+    def _check_matches(self, step: int, targets: dict[tuple[str, ...], jax.ShapeDtypeStruct], *,
+                       partial: bool = False):
         """Raise ValueError naming each path whose presence, shape or dtype differs from the checkpoint."""
         tree = self._manager.metadata(step).item_metadata[_STATE].tree
         saved = {_path_names(path): meta for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]}
         missing = ["/".join(p) for p in targets if p not in saved]
-        unexpected = ["/".join(p) for p in saved if p not in targets]
+        unexpected = [] if partial else ["/".join(p) for p in saved if p not in targets]
         problems = []
         if missing:
             problems.append(f"in abstract_state but not in the checkpoint: {_listing(missing)}")

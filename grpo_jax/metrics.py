@@ -427,6 +427,16 @@ class MetricsWriter:
             self._print(self._progress.line(
                 step, [(label, values[key]) for key, label in PROGRESS_KEYS if key in values]))
 
+    def write_samples(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Append `{step, prompt, completion, reward}` records to workdir/samples.jsonl and print the first
+        (its prompt's last 80 characters)."""
+        with open(self.workdir / "samples.jsonl", "a") as f:
+            f.writelines(json.dumps(dict(r)) + "\n" for r in records)
+        first = records[0]
+        prompt = first["prompt"] if len(first["prompt"]) <= 80 else "..." + first["prompt"][-77:]
+        self._print(f"sample at step {first['step']}: {prompt!r} -> {first['completion']!r} "
+                    f"(reward {first['reward']:.3g})")
+
     def close(self) -> None:
         """Closes the files; further writes raise. Safe to call twice."""
         if self._closed:

@@ -251,17 +251,24 @@ def language_consistency_reward(prompts: Sequence[str], completions: Sequence[st
     return rewards
 
 
+def overlong_penalty(lengths: Sequence[float] | np.ndarray, max_length: int, buffer: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to L_max - L_cache, then falling
+    linearly to -1 at L_max, and -1 beyond. `lengths` in any unit (tokens for the rollout's penalty, where a
+    truncated completion counts as longer than L_max; characters for `length_penalty`). Returns float32."""
+    lengths = np.asarray(lengths, np.float64)
+    soft_start = max_length - buffer
+    penalty = np.where(lengths <= soft_start, 0.0, (soft_start - lengths) / max(buffer, 1))
+    return np.where(lengths > max_length, -1.0, penalty).astype(np.float32)
+
+
 def length_penalty(prompts: Sequence[str], completions: Sequence[str], max_chars: int = 4000,
                    ramp_chars: int = 1000, **_: Any) -> list[float]:
-    """0 up to `max_chars` characters, then falling linearly to -1 at `max_chars + ramp_chars`, -1 beyond.
-
-    The shape of DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13) in characters of the decoded
-    text; the trainer applies the same penalty in tokens (`trainer.overlong_penalty`).
-    """
+    """`overlong_penalty` in characters of the decoded text: 0 up to `max_chars` characters, then falling
+    linearly to -1 at `max_chars + ramp_chars`, -1 beyond."""
     if max_chars < 0 or ramp_chars <= 0:
         raise ValueError(f"length_penalty got max_chars={max_chars}, ramp_chars={ramp_chars}; "
                          "use max_chars >= 0 and ramp_chars > 0.")
-    return [max(-1.0, min(0.0, (max_chars - len(c)) / ramp_chars)) for c in completions]
+    return overlong_penalty([len(c) for c in completions], max_chars + ramp_chars, ramp_chars).tolist()
 
 
 MAX_EXPRESSION_CHARS = 200

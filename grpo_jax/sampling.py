@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax._numerics import einsum_f32
+from grpo_jax._validation import check_fields, finite
 from grpo_jax.models.transformer import (
     KV,
     Cache,
@@ -34,6 +35,7 @@ from grpo_jax.models.transformer import (
     init_cache,
     positions_from_mask,
 )
+from grpo_jax.sharding import put_global
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -45,7 +47,8 @@ class SamplingConfig:
     temperature=0 is greedy decoding. top_k=0, top_p=1 and min_p=0 switch those filters off; when several
     are set they apply in the order top-k, top-p, min-p, each on the distribution the previous one left.
     Completions end after any of `stop_tokens` (the stop token is part of the completion). Log-probs are
-    those of the model's whole distribution at the temperature, as the training forward computes them.
+    those of the distribution sampled from (at the temperature, over the ids below `vocab_limit`) before the
+    top-k/p/min-p filters, as the training forward computes them.
     """
 
     max_new_tokens: int
@@ -60,20 +63,22 @@ class SamplingConfig:
     vocab_limit: int = 0  # > 0: only ids below it are sampled (a tokenizer smaller than the model's vocab)
 
     def __post_init__(self):
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-            ("group_size", self.group_size >= 1, "must be >= 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables it)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 disables it)"),
-            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 disables it)"),
-            ("vocab_limit", self.vocab_limit >= 0, "must be >= 0 (0 disables it)"),
-            ("buckets", len(self.buckets) > 0 and list(self.buckets) == sorted(set(self.buckets)),
+        check_fields("config.sampling", [
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "must be >= 1"),
+            ("group_size", self.group_size, self.group_size >= 1, "must be >= 1"),
+            ("temperature", self.temperature, finite(self.temperature) and self.temperature >= 0,
+             "must be a number >= 0 (0 is greedy)"),
+            ("top_k", self.top_k, self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            ("top_p", self.top_p, finite(self.top_p) and 0 < self.top_p <= 1,
+             "must be in (0, 1] (1 disables it)"),
+            ("min_p", self.min_p, finite(self.min_p) and 0 <= self.min_p < 1,
+             "must be in [0, 1) (0 disables it)"),
+            ("vocab_limit", self.vocab_limit, self.vocab_limit >= 0, "must be >= 0 (0 disables it)"),
+            ("buckets", self.buckets,
+             len(self.buckets) > 0 and list(self.buckets) == sorted(set(self.buckets)),
              "must be a non-empty increasing tuple of prompt lengths"),
-        ]
-        for name, ok, fix in checks:
-            if not ok:
-                raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} {fix}.")
+        ])
+        object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
 
@@ -114,10 +119,10 @@ def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 def _next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Sample from float32 logits `[B, V]`: (token `[B]`, its log-prob at the temperature `[B]`)."""
     logits = logits / (cfg.temperature or 1.0)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
     if cfg.vocab_limit:  # the model's vocabulary is padded past the tokenizer's: never emit those ids
         allowed = jnp.arange(logits.shape[-1]) < cfg.vocab_limit
         logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # of the distribution sampled from (before filters)
     if cfg.temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
     else:
@@ -275,7 +280,7 @@ def sample(
     """
     cfg = model.config
     if any(not 0 <= t < cfg.vocab_size for t in config.stop_tokens):
-        raise ValueError(f"SamplingConfig.stop_tokens={config.stop_tokens} must be ids < vocab_size="
+        raise ValueError(f"config.sampling.stop_tokens={config.stop_tokens} must be ids < vocab_size="
                          f"{cfg.vocab_size}.")
     tokens, mask = pad_prompts(prompts, config.buckets, config.pad_id)
     if tokens.shape[1] + config.max_new_tokens > cfg.max_position_embeddings:
@@ -288,8 +293,7 @@ def sample(
     if sharding is None:
         tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     else:  # every process holds the same prompts; each places the shards of its own devices
-        tokens, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
-                        for x in (tokens, mask))
+        tokens, mask = put_global(tokens, sharding), put_global(mask, sharding)
     graphdef, state = nnx.split(model)
     out = _generate_jit(graphdef, state, tokens, mask, key, config, sharding)
     return SampleOutput(*out, prompt_tokens=tokens, prompt_mask=mask)

@@ -18,8 +18,8 @@ from flax import nnx
 
 from grpo_jax.metrics import Progress
 from grpo_jax.models.transformer import Transformer
+from grpo_jax.policy import completion_logprobs
 from grpo_jax.sampling import pad_prompts
-from grpo_jax.trainer import completion_logprobs
 
 
 def pad_targets(targets: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from grpo_jax.data import (
     load_gsm8k,
     load_jsonl,
 )
-from grpo_jax.data.gsm8k import _parse_gsm8k_record
+from grpo_jax.data.gsm8k import parse_gsm8k_record
 from grpo_jax.tokenizers import CharTokenizer, HFTokenizer
 
 CHAR = CharTokenizer()
@@ -251,16 +251,16 @@ def test_load_jsonl_empty_file(tmp_path):
 # ------------------------------------------------------------------------------------------------- GSM8K
 
 
-def test_parse_gsm8k_record():
+def testparse_gsm8k_record():
     record = {"question": b"Tom has 3 apples and buys 4. How many?", "answer": b"3 + 4 = <<3+4=7>>7\n#### 7",
               "annotation": b"3 + 4 = <<3+4=7>>7\n", "short_answer": b"7"}
-    assert _parse_gsm8k_record(record) == {"prompt": "Tom has 3 apples and buys 4. How many?", "answer": "7",
+    assert parse_gsm8k_record(record) == {"prompt": "Tom has 3 apples and buys 4. How many?", "answer": "7",
                                            "solution": "3 + 4 = <<3+4=7>>7\n#### 7"}
-    assert _parse_gsm8k_record({"question": "q", "answer": "#### 12 "})["answer"] == "12"
+    assert parse_gsm8k_record({"question": "q", "answer": "#### 12 "})["answer"] == "12"
     with pytest.raises(ValueError, match=r"rec 3: field 'answer' does not contain '#### '"):
-        _parse_gsm8k_record({"question": "q", "answer": "12"}, where="rec 3")
+        parse_gsm8k_record({"question": "q", "answer": "12"}, where="rec 3")
     with pytest.raises(ValueError, match=r"record: field 'question' must be text \(bytes or str\), got None"):
-        _parse_gsm8k_record({"answer": "#### 1"})
+        parse_gsm8k_record({"answer": "#### 1"})
 
 
 def test_load_gsm8k_through_tfds_data_source(tmp_path):

@@ -180,13 +180,13 @@ def test_evaluate_script_reads_the_training_checkpoint(tmp_path):
     config = f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}"
     trained = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"), config, f"--workdir={tmp_path}",
-         "--config.num_steps=1", "--config.grpo.num_prompts=4", "--config.warm_start.steps=0"],
+         "--config.num_steps=1", "--config.rollout.num_prompts=4", "--config.warm_start.steps=0"],
         capture_output=True, text=True, timeout=600, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "evaluate.py"), config, f"--workdir={tmp_path}",
          "--num_examples=8", "--num_samples=4", "--ks=1,4", "--config.num_steps=1",
-         "--config.grpo.num_prompts=4", "--config.warm_start.steps=0"],
+         "--config.rollout.num_prompts=4", "--config.warm_start.steps=0"],
         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluating the checkpoint of step 1" in done.stdout

@@ -1,5 +1,6 @@
 """The experiment entry point: configs build, fail fast with clear messages, and a short run works."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -40,7 +41,7 @@ def config(**overrides):
 
 def test_default_config_builds_a_trainer():
     trainer = train_grpo.build(config())
-    assert trainer.cfg.stop_tokens == (1,) and trainer.cfg.total_steps == 400
+    assert trainer.cfg.sampling.stop_tokens == (1,) and trainer.cfg.num_steps == 400
     example = trainer.dataset[0]
     assert example["prompt_text"].startswith("What is ") and len(example["prompt_tokens"]) <= 32
     rewards, metrics = trainer.reward_fn([example, example], [[], trainer.dataset.tokenizer.encode(
@@ -65,13 +66,14 @@ def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"grpo.num_prompts": 12, "grpo.num_minibatches": 5}, "num_minibatches=5"),
+    ({"rollout.num_prompts": 12, "updates.num_minibatches": 5}, "num_minibatches=5"),
     ({"model.vocab_size": 64}, "vocab_size is 64"),
-    ({"grpo.max_new_tokens": 120}, "max_position_embeddings=128"),
+    ({"sampling.max_new_tokens": 120}, "max_position_embeddings=128"),
     ({"rewards": (("accuracy", 1.0), ("fluency", 1.0))}, "fluency"),
     ({"task": "poetry"}, "config.task='poetry'"),
     ({"max_prompt_tokens": 4}, "prompt"),
-    ({"mesh_shape": "1,1,-1", "rollout_mesh_shape": "-1,1,1", "grpo.num_prompts": 12}, "rollout_mesh_shape"),
+    ({"mesh_shape": "1,1,-1", "rollout_mesh_shape": "-1,1,1", "rollout.num_prompts": 12},
+     "rollout_mesh_shape"),
 ])
 def test_inconsistent_configs_fail_fast(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -88,7 +90,7 @@ def test_init_perturbation_moves_every_initial_param_by_about_its_scale():
 
 def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_them(tmp_path):
     short = ["config.num_steps=2", "config.warm_start.steps=4", "config.warm_start.eval_every=2",
-             "config.eval_examples=8", "config.grpo.num_prompts=4", "config.sample_every=0"]
+             "config.eval_examples=8", "config.rollout.num_prompts=4", "config.sample_every=0"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "robustness.py"), f"--workdir={tmp_path}",
          "--seeds=0", "--modes=perturbed,one_core", "--roofline_calls=2", *(f"--set={s}" for s in short)],
@@ -109,7 +111,8 @@ def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_the
 
 def test_compare_grpo_ppo_tabulates_both_algorithms_from_one_warm_start(tmp_path):
     short = ["--config.num_steps=2", "--config.warm_start.steps=3", "--config.warm_start.eval_every=3",
-             "--config.eval_examples=8", "--config.grpo.num_prompts=4", "--config.grpo.grad_accum_steps=1"]
+             "--config.eval_examples=8", "--config.rollout.num_prompts=4",
+             "--config.updates.grad_accum_steps=1"]
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "compare_grpo_ppo.py"),
          f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
@@ -145,7 +148,7 @@ def test_jsonl_task_trains_on_its_train_file_and_evaluates_on_its_test_file(tmp_
     cfg = jsonl_config(tmp_path)
     trainer = train_grpo.build(cfg)
     assert len(trainer.dataset) == 20 and trainer.dataset[0]["prompt_text"] == "What is 10 + 1?\n"
-    accuracy = train_grpo.held_out_accuracy(cfg, trainer.current_model(), trainer.dataset.tokenizer,
+    accuracy = train_grpo.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
                                             trainer.cfg)
     assert 0.0 <= accuracy <= 1.0
     metrics = trainer.iteration()
@@ -158,7 +161,7 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
          f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
-         "--config.num_steps=2", "--config.grpo.num_prompts=4", "--config.warm_start.steps=0"],
+         "--config.num_steps=2", "--config.rollout.num_prompts=4", "--config.warm_start.steps=0"],
         capture_output=True, text=True, timeout=600,
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})  # one CPU device, as for a user
     assert done.returncode == 0, done.stderr[-3000:]
@@ -221,8 +224,9 @@ def scaled_down(module, checkpoint):
     cfg.model.max_position_embeddings = 1024  # the fixture's 128 cannot hold the R1 instructions
     cfg.max_prompt_tokens = 512
     cfg.eval_examples = 2
-    cfg.grpo.update(prompt_buckets=(512,), max_new_tokens=12, num_prompts=8, group_size=2,
-                    num_minibatches=1, grad_accum_steps=1)
+    cfg.sampling.update(buckets=(512,), max_new_tokens=12, group_size=2)
+    cfg.rollout.num_prompts = 8
+    cfg.updates.update(num_minibatches=1, grad_accum_steps=1)
     return cfg
 
 
@@ -251,12 +255,13 @@ def test_hf_configs_train_from_a_scaled_down_random_checkpoint(tiny_qwen, tmp_pa
         np.testing.assert_array_equal(trainer.state.params["embed"][...], imported.embed[...])
         assert trainer.model_config.dtype == "bfloat16" and trainer.model_config.remat
         # Countdown trains FSDP and samples data-parallel with whole params (its own mesh); GSM8K on one.
-        assert (trainer.rollout_mesh is not None) == (module is countdown_qwen)
+        assert (trainer.rollout_mesh is not trainer.mesh) == (module is countdown_qwen)
         tokenizer = trainer.dataset.tokenizer  # the checkpoint directory's own
-        assert isinstance(tokenizer, HFTokenizer) and trainer.cfg.vocab_limit == tokenizer.vocab_size < 128
+        assert isinstance(tokenizer, HFTokenizer)
+        assert trainer.cfg.sampling.vocab_limit == tokenizer.vocab_size < 128
         assert prompt_text in trainer.dataset[0]["prompt_text"]
         history = train(trainer, tmp_path / "run", 2, checkpoint_every=2, sample_every=1)
-        accuracy = train_grpo.held_out_accuracy(cfg, trainer.current_model(), trainer.dataset.tokenizer,
+        accuracy = train_grpo.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
                                                 trainer.cfg)
     assert len(history) == 2 and 0.0 <= accuracy <= 1.0
     for metrics in history:
@@ -272,3 +277,19 @@ def test_hf_configs_without_a_checkpoint_fail_fast():
     for module in (countdown_qwen, gsm8k_qwen2_5_0_5b):
         with pytest.raises(ValueError, match="--config.checkpoint="):
             train_grpo.build(module.get_config())
+
+
+def test_every_library_option_is_a_config_field_settable_from_the_command_line():
+    """Each section of GRPOConfig appears in the shipped configs with every field (fields that default to
+    None as typed placeholders), and an override of any of them reaches the GRPOConfig the run builds."""
+    from grpo_jax.config import SECTIONS, TOKENIZER_FIELDS
+
+    cfg = config()
+    for name, section in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(section)} - set(TOKENIZER_FIELDS)
+        assert set(cfg[name].keys()) == fields, name
+    cfg.loss.loss_type, cfg.loss.dual_clip, cfg.advantages.scale = "gspo", 3.0, "none"
+    cfg.updates.ref_update_every, cfg.rollout.dynamic_sampling = 5, True
+    grpo = train_grpo.grpo_config(cfg, train_grpo.make_tokenizer(cfg))
+    assert (grpo.loss.loss_type, grpo.loss.dual_clip, grpo.advantages.scale) == ("gspo", 3.0, "none")
+    assert grpo.updates.ref_update_every == 5 and grpo.rollout.dynamic_sampling

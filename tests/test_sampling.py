@@ -180,11 +180,11 @@ def test_batch_sharded_over_a_mesh_gives_the_same_samples(model):
 
 
 def test_errors_name_the_field(model):
-    with pytest.raises(ValueError, match="SamplingConfig.top_p=0"):
+    with pytest.raises(ValueError, match="config.sampling.top_p=0"):
         SamplingConfig(max_new_tokens=4, top_p=0.0)
-    with pytest.raises(ValueError, match="SamplingConfig.temperature=-1"):
+    with pytest.raises(ValueError, match="config.sampling.temperature=-1"):
         SamplingConfig(max_new_tokens=4, temperature=-1)
-    with pytest.raises(ValueError, match="SamplingConfig.buckets"):
+    with pytest.raises(ValueError, match="config.sampling.buckets"):
         SamplingConfig(max_new_tokens=4, buckets=(8, 4))
     with pytest.raises(ValueError, match="larger bucket"):
         sample(model, [[1] * 20], jax.random.PRNGKey(0), SamplingConfig(max_new_tokens=4, buckets=(8, 16)))

@@ -1,7 +1,8 @@
-"""The GRPO trainer: shared-prefix log-probs, sharded train step, beta/mu/dynamic sampling/overlong/reference
-options, non-finite updates."""
+"""The GRPO loop's stages: shared-prefix log-probs, sharded train step, beta/mu/dynamic sampling/overlong/
+reference options, non-finite updates, the rollout/training mismatch and host transfers."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,11 @@ import pytest
 from flax import nnx
 
 from grpo_jax import sharding
+from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask
-from grpo_jax.trainer import (
-    GRPOConfig,
-    Trainer,
-    completion_logprobs,
-    merge_groups,
-    overlong_penalty,
-    split_groups,
-)
+from grpo_jax.policy import completion_logprobs, merge_groups, split_groups
+from grpo_jax.rewards import overlong_penalty
+from grpo_jax.trainer import Trainer
 
 MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                     num_kv_heads=2, qkv_bias=True, max_position_embeddings=64)
@@ -37,11 +34,28 @@ def reward_fraction_of_target(examples, completions):
     return rewards, {"target_share": rewards}
 
 
+FIELDS = dict(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=3e-3, buckets=(8,),
+              stop_tokens=(1,))
+
+
+def make_config(**fields) -> GRPOConfig:
+    """A GRPOConfig from field names, each placed in the one section that has it (algo, num_steps and seed
+    are top-level)."""
+    nested = {name: {} for name in SECTIONS}
+    for field, value in fields.items():
+        owners = [name for name, section in SECTIONS.items()
+                  if field in {f.name for f in dataclasses.fields(section)}]
+        assert len(owners) <= 1, (field, owners)
+        if owners:
+            nested[owners[0]][field] = value
+        else:
+            nested[field] = value
+    return GRPOConfig.from_dict({k: v for k, v in nested.items() if v != {}})
+
+
 def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, dataset=None,
                  model_config=MODEL, **overrides):
-    fields = dict(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=3e-3, prompt_buckets=(8,),
-                  stop_tokens=(1,))
-    cfg = GRPOConfig(**{**fields, **overrides})
+    cfg = make_config(**{**FIELDS, **overrides})
     model = Transformer(model_config, nnx.Rngs(model_seed))
     return Trainer(model, cfg, dataset or make_dataset(), reward_fn, mesh=mesh)
 
@@ -87,10 +101,14 @@ def test_shared_prefix_logprobs_and_gradients_equal_full_forward():
 # ----------------------------------------------------------------------------- sharding
 
 
-def fixed_batch(trainer):
-    """One rollout's device batch, made on the host so every mesh sees the same numbers."""
-    host, _ = trainer._collect(jax.random.key(7))
-    return host
+def fixed_rollout(trainer):
+    """One rollout, to be placed on every mesh with the same numbers."""
+    return trainer.collect(jax.random.key(7))
+
+
+def with_mask(rollout, mask):
+    """The rollout with another completion mask (host copy and device arrays)."""
+    return rollout._replace(mask=mask, sample=rollout.sample._replace(mask=jnp.asarray(mask)))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
@@ -101,12 +119,12 @@ def test_sharded_train_step_equals_single_device(mesh_shape):
     options = dict(beta=0.04, grad_accum_steps=2, adam_eps=1e-3)
     single = make_trainer(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), **options)
     sharded = make_trainer(sharding.make_mesh(mesh_shape), **options)
-    host = fixed_batch(single)
+    rollout = fixed_rollout(single)
     results = []
     for trainer in (single, sharded):
-        batch = trainer._device_batch(host)
-        batch["ref_logprobs"] = trainer._logprobs(trainer.ref_params, batch)
-        trainer.state, metrics = trainer._train_step(trainer.state, batch)  # the old state is donated
+        batch = trainer.batch(rollout)
+        assert "ref_logprobs" in batch
+        trainer.state, metrics = trainer.train_step(trainer.state, batch)  # the old state is donated
         results.append((jax.device_get(trainer.state.params), jax.device_get(metrics)))
     (params_1, metrics_1), (params_n, metrics_n) = results
     assert metrics_1["loss"] == pytest.approx(metrics_n["loss"], rel=1e-4, abs=1e-6)
@@ -123,19 +141,19 @@ def test_sharded_train_step_equals_single_device(mesh_shape):
 def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
     """Microbatches with unequal token counts (and an empty row) weighted by their share of the aggregation's
     denominator: the same gradient and update as one pass over the whole minibatch."""
-    host = fixed_batch(make_trainer())
-    host["mask"] = host["mask"].copy()
-    host["mask"][:4] = False  # the first prompt's whole group (in microbatch 1 of 2) has no tokens ...
-    host["mask"][4, 1:] = False  # ... and the next row one token, so the microbatches differ in size
-    by_prompt = host["mask"].reshape(8, 4, -1)  # microbatch j of 2 holds prompts j, j + 2, j + 4, j + 6
+    rollout = fixed_rollout(make_trainer())
+    mask = rollout.mask.copy()
+    mask[:4] = False  # the first prompt's whole group (in microbatch 1 of 2) has no tokens ...
+    mask[4, 1:] = False  # ... and the next row one token, so the microbatches differ in size
+    by_prompt = mask.reshape(8, 4, -1)  # microbatch j of 2 holds prompts j, j + 2, j + 4, j + 6
     assert by_prompt[0::2].sum() != by_prompt[1::2].sum()
+    rollout = with_mask(rollout, mask)
     results, ref_logprobs = [], []
     for steps in (1, 2, 4):
         trainer = make_trainer(grad_accum_steps=steps, aggregation=aggregation, beta=0.04, adam_eps=1e-3)
-        batch = trainer._device_batch(host)
-        batch["ref_logprobs"] = trainer._logprobs(trainer.ref_params, batch)  # also in microbatches
-        ref_logprobs.append(np.where(host["mask"], jax.device_get(batch["ref_logprobs"]), 0.0))
-        trainer.state, metrics = trainer._train_step(trainer.state, batch)
+        batch = trainer.batch(rollout)  # the reference log-probs, also in microbatches
+        ref_logprobs.append(np.where(mask, jax.device_get(batch["ref_logprobs"]), 0.0))
+        trainer.state, metrics = trainer.train_step(trainer.state, batch)
         results.append((jax.device_get(trainer.state.params), jax.device_get(metrics)))
     np.testing.assert_allclose(ref_logprobs[1], ref_logprobs[0], atol=1e-6)
     np.testing.assert_allclose(ref_logprobs[2], ref_logprobs[0], atol=1e-6)
@@ -159,8 +177,8 @@ def test_microbatches_are_split_without_moving_data_between_devices():
     """On a data-parallel mesh every device holds its share of each microbatch: the compiled train step
     only all-reduces (gradients, metrics), it never gathers or permutes the batch."""
     trainer = make_trainer(sharding.make_mesh((2, 1, 1), devices=jax.devices()[:2]), grad_accum_steps=2)
-    batch = trainer._device_batch(fixed_batch(trainer))
-    hlo = trainer._train_step.lower(trainer.state, batch).compile().as_text()
+    batch = trainer.batch(fixed_rollout(trainer))
+    hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
     assert "all-reduce" in hlo
     for collective in ("all-gather", "all-to-all", "collective-permute"):
         assert collective not in hlo, collective
@@ -174,17 +192,17 @@ def test_rollout_mesh_samples_on_its_own_layout_with_the_same_results():
     plain = make_trainer(one_device)
     split = Trainer(Transformer(MODEL, nnx.Rngs(0)), plain.cfg, make_dataset(), reward_fraction_of_target,
                     mesh=one_device, rollout_mesh=rollout_mesh)
-    kernel = nnx.split(split.rollout_model())[1]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    kernel = nnx.split(split.policy(rollout_mesh))[1]["layers"][0]["mlp"]["gate"]["kernel"][...]
     assert kernel.sharding.mesh == rollout_mesh and len(kernel.sharding.device_set) == 8
     for _ in range(2):
         metrics = [trainer.iteration() for trainer in (plain, split)]
-        np.testing.assert_array_equal(plain.last_rollout["tokens"], split.last_rollout["tokens"])
+        np.testing.assert_array_equal(plain.last_rollout.tokens, split.last_rollout.tokens)
         assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5, abs=1e-7)
     for a, b in zip(jax.tree.leaves(jax.device_get(plain.state.params)),
                     jax.tree.leaves(jax.device_get(split.state.params)), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="prompts cannot be split"):
-        Trainer(Transformer(MODEL, nnx.Rngs(0)), dataclasses.replace(plain.cfg, num_prompts=4),
+        Trainer(Transformer(MODEL, nnx.Rngs(0)), make_config(**{**FIELDS, "num_prompts": 4}),
                 make_dataset(), reward_fraction_of_target, mesh=one_device, rollout_mesh=rollout_mesh)
 
 
@@ -193,13 +211,14 @@ def test_rollout_mesh_samples_on_its_own_layout_with_the_same_results():
 
 def test_beta_zero_runs_no_reference_and_holds_no_reference_params():
     trainer = make_trainer(beta=0.0)
+    assert "ref_logprobs" not in trainer.batch(fixed_rollout(trainer))
     metrics = trainer.iteration()
-    assert trainer.ref_params is None
-    assert trainer.counters["reference_forward"] == 0
+    assert trainer.ref_params is None and trainer.state_bytes()["ref_params"] == 0
     assert "kl" not in metrics
     with_ref = make_trainer(beta=0.04)
+    assert "ref_logprobs" in with_ref.batch(fixed_rollout(with_ref))
     metrics = with_ref.iteration()
-    assert with_ref.counters["reference_forward"] == 1 and metrics["kl"] >= 0.0
+    assert with_ref.state_bytes()["ref_params"] == with_ref.state_bytes()["params"] and metrics["kl"] >= 0.0
 
 
 def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
@@ -207,13 +226,14 @@ def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
     the same sampled tokens' log-probs as float32 within bfloat16 precision, and the same kind of update."""
     low = make_trainer(beta=0.04, model_config=dataclasses.replace(MODEL, dtype="bfloat16", remat=True))
     high = make_trainer(beta=0.04)
-    batch = low._device_batch(fixed_batch(low))
-    got, want = low._logprobs(low.state.params, batch), high._logprobs(high.state.params, batch)
-    mask = np.asarray(batch["completion_mask"])
+    rollout = fixed_rollout(low)
+    low_batch, high_batch = low.batch(rollout), high.batch(rollout)  # the reference is the initial policy
+    got, want = low_batch["ref_logprobs"], high_batch["ref_logprobs"]
+    mask = np.asarray(low_batch["completion_mask"])
     assert got.dtype == jnp.float32 and mask.sum() > 0
     np.testing.assert_allclose(np.where(mask, got, 0), np.where(mask, want, 0), atol=0.05)
-    low.state, step_low = low._train_step(low.state, {**batch, "ref_logprobs": got})  # donates the state
-    _, step_high = high._train_step(high.state, {**batch, "ref_logprobs": want})
+    low.state, step_low = low.train_step(low.state, low_batch)  # donates the state
+    _, step_high = high.train_step(high.state, high_batch)
     assert float(step_low["grad_norm"]) == pytest.approx(float(step_high["grad_norm"]), rel=0.05)
     metrics = low.iteration()  # bfloat16 sampling too
     assert all(np.isfinite(metrics[name]) for name in ("loss", "grad_norm", "kl"))
@@ -222,11 +242,13 @@ def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
 
 def test_mu_two_second_epoch_moves_ratio_and_clips():
     trainer = make_trainer(mu=2, learning_rate=5e-2)
+    assert "old_logprobs" in trainer.batch(fixed_rollout(trainer))  # once per batch, before any update
     metrics = [trainer.iteration() for _ in range(2)]
-    assert trainer.counters["policy_forward"] == 2  # old log-probs once per batch
     # Epoch 1 of each batch: ratio exactly 1 (no update yet); epoch 2: the policy moved and clipping engages.
     assert all(m["clip_fraction_last_epoch"] > 0 for m in metrics)
-    first = make_trainer(mu=1, learning_rate=5e-2).iteration()
+    plain = make_trainer(mu=1, learning_rate=5e-2)
+    assert "old_logprobs" not in plain.batch(fixed_rollout(plain))
+    first = plain.iteration()
     assert first["clip_fraction"] == 0.0 and first["ratio_max"] == pytest.approx(1.0)
 
 
@@ -245,17 +267,25 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups():
         return rewards, {"hits": rewards, "errors/hits": 1}
 
     trainer = make_trainer(dynamic_sampling=True, max_resample_rounds=6, reward_fn=reward, temperature=1.5)
-    host, info = trainer._collect(jax.random.key(0))
-    groups = host["rewards"].reshape(8, 4)
+    rollout = trainer.collect(jax.random.key(0))
+    groups = rollout.rewards.reshape(8, 4)
     assert all(g.max() > g.min() for g in groups)
-    assert info["prompts_sampled"] > 8 and info["resample_rounds"] >= 1
-    assert all(e["id"] % 2 == 0 for e in host["examples"])
+    assert rollout.prompts_sampled > 8 and rollout.resample_rounds >= 1
+    assert all(e["id"] % 2 == 0 for e in rollout.examples)
     # Per-completion reward metrics describe the kept groups; per-call counts add up over the rounds.
-    assert info["reward_metrics"]["hits"] == pytest.approx(host["rewards"].mean())
-    assert info["reward_metrics"]["errors/hits"] == info["resample_rounds"] + 1
+    assert rollout.reward_metrics["hits"] == pytest.approx(rollout.rewards.mean())
+    assert rollout.reward_metrics["errors/hits"] == rollout.resample_rounds + 1
+    # The device arrays are those of the kept groups: their tokens, and the prompts of their examples.
+    np.testing.assert_array_equal(np.asarray(rollout.sample.tokens), rollout.tokens)
+    prompts = np.asarray(rollout.sample.prompt_tokens)
+    masks = np.asarray(rollout.sample.prompt_mask)
+    for example, row, row_mask in zip(rollout.examples, prompts, masks, strict=True):
+        assert row[row_mask].tolist() == example["prompt_tokens"]
+    metrics = trainer.iteration()  # the gathered batch trains
+    assert np.isfinite(metrics["loss"]) and metrics["resample_rounds"] >= 1
     plain = make_trainer(reward_fn=reward, temperature=1.5)
-    host, _ = plain._collect(jax.random.key(0))
-    assert any(g.max() == g.min() for g in host["rewards"].reshape(8, 4))
+    rollout = plain.collect(jax.random.key(0))
+    assert any(g.max() == g.min() for g in rollout.rewards.reshape(8, 4))
 
 
 def test_overlong_penalty_matches_dapo_eq_13_in_tokens():
@@ -265,16 +295,16 @@ def test_overlong_penalty_matches_dapo_eq_13_in_tokens():
     np.testing.assert_allclose(overlong_penalty(lengths, max_len, buffer), want)
     # In the trainer: no stop tokens -> every completion truncated at 6 tokens -> penalty -1 each.
     trainer = make_trainer(overlong_buffer=2, stop_tokens=(), reward_fn=lambda e, c: np.zeros(len(c)))
-    host, _ = trainer._collect(jax.random.key(0))
-    np.testing.assert_allclose(host["rewards"], -1.0)
-    np.testing.assert_allclose(host["task_rewards"], 0.0)
+    rollout = trainer.collect(jax.random.key(0))
+    np.testing.assert_allclose(rollout.rewards, -1.0)
+    np.testing.assert_allclose(rollout.task_rewards, 0.0)
 
 
 def test_mask_truncated_removes_truncated_completions_from_the_loss():
     trainer = make_trainer(mask_truncated=True, stop_tokens=())
-    host, _ = trainer._collect(jax.random.key(0))
-    assert host["truncated"].all()
-    batch = trainer._device_batch(host)
+    rollout = trainer.collect(jax.random.key(0))
+    assert rollout.truncated.all() and np.asarray(rollout.sample.truncated).all()
+    batch = trainer.batch(rollout)
     assert not bool(batch["completion_mask"].any())
 
 
@@ -297,22 +327,88 @@ def test_iterative_reference_update_resets_at_the_right_steps():
 
 def test_non_finite_update_is_skipped_and_counted():
     trainer = make_trainer()
-    host, _ = trainer._collect(jax.random.key(0))
-    batch = trainer._device_batch(host)
+    batch = trainer.batch(trainer.collect(jax.random.key(0)))
     batch["advantages"] = batch["advantages"].at[0].set(jnp.nan)
     before = jax.device_get(trainer.state.params)
-    state, metrics = trainer._train_step(trainer.state, batch)
+    state, metrics = trainer.train_step(trainer.state, batch)
     assert float(metrics["skipped_updates"]) == 1.0
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params)), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="GRPOConfig.num_minibatches=3"):
-        GRPOConfig(num_prompts=8, num_minibatches=3)
-    with pytest.raises(ValueError, match="GRPOConfig.grad_accum_steps=3"):
-        GRPOConfig(num_prompts=8, grad_accum_steps=3)
-    with pytest.raises(ValueError, match="GRPOConfig.loss_type='ppo'"):
-        GRPOConfig(loss_type="ppo")
-    with pytest.raises(ValueError, match="GRPOConfig.overlong_buffer=200"):
-        GRPOConfig(max_new_tokens=128, overlong_buffer=200)
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_prompts=8, num_minibatches=3), "config.updates.num_minibatches=3 must divide config.rollout"),
+    (dict(num_prompts=8, grad_accum_steps=3), "config.updates.grad_accum_steps=3"),
+    (dict(loss_type="ppo"), "config.loss.loss_type='ppo'"),
+    (dict(max_new_tokens=128, overlong_buffer=200), "config.rollout.overlong_buffer=200"),
+    (dict(learning_rate=-1e-3), "config.optimizer.learning_rate=-0.001"),
+    (dict(learning_rate=0.0), "config.optimizer.learning_rate=0.0"),
+    (dict(beta=-0.04), "config.loss.beta=-0.04"),
+    (dict(beta=float("nan")), "config.loss.beta=nan"),
+    (dict(epsilon=float("nan")), "config.loss.epsilon=nan"),
+    (dict(temperature=0.0), "config.sampling.temperature=0.0 must be > 0 to train"),
+    (dict(group_size=1), "config.sampling.group_size=1 must be >= 2 for GRPO"),
+    (dict(mu=0), "config.updates.mu=0"),
+    (dict(dual_clip=0.5), "config.loss.dual_clip=0.5"),
+    (dict(kl_in_reward=True), "config.ppo.kl_in_reward=True needs config.algo='ppo'"),
+    (dict(algo="a2c"), "config.algo='a2c'"),
+    (dict(gae_lambda=1.5), "config.ppo.gae_lambda=1.5"),
+])
+def test_config_errors_name_the_path_the_value_and_the_fix(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_config(**{"max_new_tokens": 16, "group_size": 4, **fields})
+    with pytest.raises(ValueError, match=re.escape("config.loss has no field(s) ['betta']")):
+        GRPOConfig.from_dict({"loss": {"betta": 0.1}})
+
+
+# ----------------------------------------------------------------------------- rollout/training agreement
+
+
+def test_rollout_and_training_log_probs_agree_on_policy_and_the_metric_sees_a_mismatch():
+    """The sampler's log-probs of its tokens equal the training forward's on the same params (the invariant
+    off-policy schedules rely on), and the metric reports a difference once the params moved."""
+    trainer = make_trainer(mu=2, num_minibatches=2, beta=0.04)
+    for _ in range(2):
+        metrics = trainer.iteration()
+        assert metrics["rollout_kl"] < 1e-7 and metrics["rollout_logprob_diff_max"] < 1e-4
+    stale = trainer.collect(jax.random.key(11))
+    trainer.iteration()  # the params move
+    _, metrics = trainer.train_step(trainer.state, trainer.batch(stale))
+    assert float(metrics["rollout_logprob_diff_max"]) > 1e-3 and float(metrics["rollout_kl"]) > 0
+
+
+def test_an_iteration_makes_no_implicit_transfer_and_only_the_rollout_reaches_the_host():
+    """big_vision's rule for host<->device traffic: with implicit transfers disallowed both ways an
+    iteration runs (every copy is explicit); the only device->host copies before the metrics are the
+    rollout's tokens and mask. (Device-to-device copies, e.g. a key onto the 8-device mesh, are not
+    host round trips.)"""
+    trainer = make_trainer(beta=0.04, mu=2, num_minibatches=2, dynamic_sampling=True)
+    trainer.iteration()  # compiles
+    with jax.transfer_guard_host_to_device("disallow"), jax.transfer_guard_device_to_host("disallow"):
+        metrics = trainer.iteration()
+    assert np.isfinite(metrics["loss"])
+    rollout = trainer.collect(jax.random.key(3))
+    with jax.transfer_guard_device_to_host("disallow_explicit"):
+        step_metrics = trainer.update(trainer.batch(rollout), jax.random.key(4))
+    assert isinstance(step_metrics[0]["loss"], jax.Array) and len(step_metrics) == 4
+
+
+def test_with_a_vocab_limit_the_trained_distribution_is_the_sampled_one():
+    """A tokenizer smaller than the model's vocabulary: the sampler draws from the ids below the limit, and
+    its log-probs, the training forward's and the reference's are those of that distribution, not of the
+    whole padded vocabulary (which would differ by log Z, the mass on the allowed ids)."""
+    limit = 20
+    trainer = make_trainer(vocab_limit=limit, beta=0.04)
+    rollout = trainer.collect(jax.random.key(5))
+    assert rollout.tokens[rollout.mask].max() < limit
+    s, mask = rollout.sample, rollout.mask
+    fields = (s.prompt_tokens, s.prompt_mask, s.tokens, s.mask)
+    limited = completion_logprobs(trainer.policy(), *fields, vocab_limit=limit)
+    whole = completion_logprobs(trainer.policy(), *fields)
+    np.testing.assert_allclose(np.where(mask, s.logprobs, 0), np.where(mask, limited, 0), atol=2e-5)
+    assert np.all(np.asarray(limited - whole)[mask] > 1e-3)  # log Z < 0 on every token
+    batch = trainer.batch(rollout)
+    reference = batch["ref_logprobs"]  # the reference is the initial policy
+    np.testing.assert_allclose(np.where(mask, reference, 0), np.where(mask, limited, 0), atol=2e-5)
+    _, metrics = trainer.train_step(trainer.state, batch)
+    assert float(metrics["rollout_logprob_diff_max"]) < 1e-4

@@ -6,6 +6,8 @@ Every field can be overridden on the command line, e.g. --config.grpo.beta=0.04 
 
 import ml_collections
 
+from grpo_jax.config import config_sections
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -46,16 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
     # 6e-4 decayed to 0 (cosine): from the same 12-13% starts (two seeds), 1e-3 dropped the reward from 0.12
     # to 0.03 within 50 steps and ended +8 to +12 points, 6e-4 rose steadily to +34 to +49. A constant 1e-3
     # also sharpened the policy onto its own answers (zero-variance groups 0.1 -> 0.7). 4 microbatches: the
-    # same update, faster in a CPU's caches.
-    config.grpo = ml_collections.ConfigDict(dict(
-        num_prompts=32, group_size=16, max_new_tokens=6, temperature=1.0, learning_rate=6e-4,
-        lr_schedule="cosine", warmup_steps=0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
-        aggregation="token-mean", prompt_buckets=(20,), grad_accum_steps=4,
-        # algo="ppo": the learned-critic baseline on the same loop (experiments/compare_grpo_ppo.py). Its
-        # advantages are not whitened: whitened, PPO seed 0 rose to 77.4% by step 200 and then collapsed to
-        # 1.2%; unwhitened it ended at 89.6% (seeds 1 and 2 still collapsed after their peak: README, "GRPO
-        # against PPO"). A likely cause, not proven: as most answers turn right the advantages shrink, and
-        # whitening scales them, the critic's errors included, back to unit size.
-        algo="grpo", gamma=1.0, gae_lambda=0.95, value_coef=0.5, value_clip=0.2, critic_learning_rate=0.0,
-        kl_in_reward=False, whiten_advantages=False))
+    # same update, faster in a CPU's caches. Every section's other fields keep the library's defaults and
+    # can be set from the command line: --config.loss.loss_type=gspo, --config.advantages.scale=none, ...
+    config.algo = "grpo"  # "ppo": the learned-critic baseline on the same loop (compare_grpo_ppo.py)
+    config.update(config_sections(
+        sampling=dict(group_size=16, max_new_tokens=6, temperature=1.0, buckets=(20,)),
+        rollout=dict(num_prompts=32),
+        loss=dict(epsilon=0.2, epsilon_high=0.28, aggregation="token-mean", beta=0.0),
+        optimizer=dict(learning_rate=6e-4, schedule="cosine", max_grad_norm=1.0),
+        updates=dict(grad_accum_steps=4),
+        # PPO's advantages are not whitened: whitened, PPO seed 0 rose to 77.4% by step 200 and then
+        # collapsed to 1.2% (README, "GRPO against PPO").
+        ppo=dict(gamma=1.0, gae_lambda=0.95, value_coef=0.5, value_clip=0.2, whiten_advantages=False),
+    ))
     return config

@@ -12,6 +12,8 @@ format reward. Multi-device: --config.mesh_shape=1,-1,1 shards params and optimi
 
 import ml_collections
 
+from grpo_jax.config import config_sections
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -40,9 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.warm_start = ml_collections.ConfigDict(dict(
         steps=0, batch_size=16, learning_rate=1e-5, ema=0.0, threshold=1.0, eval_every=100))  # instruct: none
 
-    config.grpo = ml_collections.ConfigDict(dict(
-        num_prompts=32, group_size=16, max_new_tokens=512, temperature=1.0, learning_rate=1e-6,
-        warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0, beta=0.04,
-        kl_estimator="k3", epsilon=0.2, mu=1, num_minibatches=2, grad_accum_steps=4,
-        aggregation="seq-mean-token-mean", prompt_buckets=(128, 256)))
+    config.algo = "grpo"
+    config.update(config_sections(
+        sampling=dict(group_size=16, max_new_tokens=512, temperature=1.0, buckets=(128, 256)),
+        rollout=dict(num_prompts=32),
+        loss=dict(beta=0.04, kl_estimator="k3", epsilon=0.2, aggregation="seq-mean-token-mean"),
+        optimizer=dict(learning_rate=1e-6, warmup_steps=10, max_grad_norm=1.0, weight_decay=0.0),
+        updates=dict(mu=1, num_minibatches=2, grad_accum_steps=4),
+    ))
     return config

@@ -14,7 +14,7 @@ from grpo_jax.data.dataset import Example
 from grpo_jax.data.jsonl import GSM8K_MARKER, text_after
 
 
-def _parse_gsm8k_record(record: Mapping[str, Any], where: str = "record") -> Example:
+def parse_gsm8k_record(record: Mapping[str, Any], where: str = "record") -> Example:
     """A tfds gsm8k record -> {"prompt": question, "answer": text after '#### ', "solution": full answer}.
 
     Text fields may be bytes (tfds data sources) or str; `where` names the record in errors.
@@ -62,4 +62,4 @@ def load_gsm8k(split: str = "train", *, data_dir: str | None = None, download: b
             "~/tensorflow_datasets); pass download=True, or prepare it with "
             "`tfds build gsm8k --file_format=array_record`.")
     source = tfds.data_source("gsm8k", split=split, data_dir=data_dir, download=download)
-    return [_parse_gsm8k_record(source[i], where=f"gsm8k[{split!r}][{i}]") for i in range(len(source))]
+    return [parse_gsm8k_record(source[i], where=f"gsm8k[{split!r}][{i}]") for i in range(len(source))]

@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from grpo_jax import sharding  # noqa: E402
+from grpo_jax.config import GRPOConfig  # noqa: E402
 from grpo_jax.models import ModelConfig, Transformer  # noqa: E402
-from grpo_jax.trainer import GRPOConfig, Trainer, train  # noqa: E402
+from grpo_jax.trainer import Trainer, train  # noqa: E402
 
 if args.num_processes:
     sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
@@ -48,9 +49,11 @@ def reward_fn(examples, completions):
     return rewards, {"target_share": rewards}
 
 
-cfg = GRPOConfig(num_prompts=8, group_size=4, max_new_tokens=6, learning_rate=1e-2, prompt_buckets=(8,),
-                 stop_tokens=(1,), beta=0.04, mu=2, num_minibatches=2, seed=3, adam_eps=args.adam_eps,
-                 algo=args.algo, kl_in_reward=args.algo == "ppo")
+cfg = GRPOConfig.from_dict(dict(
+    sampling=dict(group_size=4, max_new_tokens=6, buckets=(8,), stop_tokens=(1,)),
+    rollout=dict(num_prompts=8),
+    loss=dict(beta=0.04), optimizer=dict(learning_rate=1e-2, adam_eps=args.adam_eps),
+    updates=dict(mu=2, num_minibatches=2), ppo=dict(kl_in_reward=args.algo == "ppo"), algo=args.algo, seed=3))
 mesh = sharding.make_mesh(args.mesh)
 rollout_mesh = sharding.make_mesh(args.rollout_mesh) if args.rollout_mesh else None
 trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh,
