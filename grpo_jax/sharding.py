@@ -84,6 +84,13 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def rows_sharding(mesh: Mesh, prompts: int) -> NamedSharding:
+    """A batch of `prompts` groups: rows (the leading axis of every field) over ("data", "fsdp"), or
+    replicated when the prompts do not split evenly over them (e.g. a small minibatch)."""
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES) if prompts % shards == 0 else PartitionSpec())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -27,26 +27,18 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from grpo_jax import critic as critic_lib
 from grpo_jax import rollout as rollout_lib
 from grpo_jax import sharding
+from grpo_jax import update as update_lib
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import GRPOConfig, flatten
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.sampling import prompt_sharding
-from grpo_jax.update import (
-    LossFn,
-    TrainState,
-    init_optimizer,
-    make_optimizer,
-    minibatch,
-    prepare_batch,
-    train_step,
-    tree_bytes,
-)
+from grpo_jax.update import LossFn, TrainState, init_optimizer, make_optimizer, tree_bytes
 
 
 class Trainer:
@@ -90,19 +82,17 @@ class Trainer:
         self.ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.loss.beta else None
         self.step, self.data_position, self.key = 0, 0, jax.random.key(cfg.seed)
         self.last_rollout: rollout_lib.Rollout | None = None
-        # The batch is laid out where it is made: rows over the data axes (a minibatch with fewer prompts
-        # than data shards is replicated); the train step takes it as it comes.
-        batch_sharding = NamedSharding(self.mesh, PartitionSpec(sharding.BATCH_AXES))
-        shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
-        per_minibatch = cfg.rollout.num_prompts // cfg.updates.num_minibatches
-        minibatch_sharding = batch_sharding if per_minibatch % shards == 0 else sharding.replicated(self.mesh)
+        # The batch is laid out where it is made, rows over the data axes; the train step takes it as it is.
+        batch_sharding = sharding.rows_sharding(self.mesh, cfg.rollout.num_prompts)
+        minibatch_sharding = sharding.rows_sharding(
+            self.mesh, cfg.rollout.num_prompts // cfg.updates.num_minibatches)
         options = cfg.step_options()
-        self.prepare = jax.jit(functools.partial(prepare_batch, graphdef=self.graphdef, options=options),
-                               out_shardings=batch_sharding)
-        self.minibatch = jax.jit(functools.partial(minibatch, options=options),
+        self.prepare = jax.jit(functools.partial(update_lib.prepare_batch, graphdef=self.graphdef,
+                                                 options=options), out_shardings=batch_sharding)
+        self.minibatch = jax.jit(functools.partial(update_lib.minibatch, options=options),
                                  out_shardings=minibatch_sharding)
         self.train_step = jax.jit(
-            functools.partial(train_step, graphdef=self.graphdef, optimizer=self.optimizer,
+            functools.partial(update_lib.train_step, graphdef=self.graphdef, optimizer=self.optimizer,
                               loss_fn=loss_fn or cfg.default_loss(), options=options,
                               critic_optimizer=self.critic_optimizer),
             in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
