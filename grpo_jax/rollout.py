@@ -84,8 +84,8 @@ def score(reward_fn: RewardFn, examples: Sequence[dict], tokens: np.ndarray, mas
 def has_signal(rewards: np.ndarray, group_size: int) -> np.ndarray:
     """`[N]` bool on the host: the group has >= 2 finite rewards that differ (so it carries a gradient)."""
     grouped = rewards.reshape(-1, group_size)
-    finite_rewards = np.where(np.isfinite(grouped), grouped, np.nan)
-    return np.nan_to_num(np.nanmax(finite_rewards, 1), nan=0) > np.nan_to_num(np.nanmin(finite_rewards, 1))
+    finite = np.isfinite(grouped)
+    return np.where(finite, grouped, -np.inf).max(1) > np.where(finite, grouped, np.inf).min(1)
 
 
 @jax.jit
