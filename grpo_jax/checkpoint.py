@@ -10,6 +10,13 @@ Orbax writes a step to `<step>.orbax-checkpoint-tmp-<time>/` and renames it on c
 leaves the previous step as the latest; leftover temporary directories are deleted when a Checkpointer opens
 the directory. Saves are synchronous: when `save` returns, the checkpoint is complete on disk.
 
+A committed step can still be unreadable later (a disk fault, a file cut short, a copy that was
+interrupted) or hold non-finite arrays. `restore()` of the latest step then falls back to the newest step
+that reads back whole and finite, warns naming both steps, and moves each broken step aside to
+`<directory>/broken-<step>-<time>/` (kept for inspection; the run will write that step again). With no good
+step left it raises `CheckpointError` saying which directory to delete. `save` refuses non-finite arrays, so
+a diverged run cannot overwrite its last good checkpoint.
+
 The state is stored as a nested dict keyed by its pytree path (`params/layers/0/attn/q/kernel/value`), so
 any pytree (nnx.State, optax namedtuples, dicts, tuples) round-trips: `restore` rebuilds the caller's own
 structure from `abstract_state`. Typed PRNG keys are stored as their uint32 key data and re-wrapped on
@@ -26,18 +33,31 @@ restore, with the key type the abstract state asks for.
 from __future__ import annotations
 
 import json
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
 _STATE = "state"
 _METADATA = "metadata"
 _MAX_LISTED = 8  # paths named in one error message
+
+
+class CheckpointMismatchError(ValueError):
+    """The caller's abstract state does not match a readable checkpoint (a different model or optimizer):
+    the caller's mistake, never a reason to fall back to an older step."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the directory can be read back whole and finite."""
 
 
 def _is_key(leaf: Any) -> bool:
@@ -88,6 +108,28 @@ def _nest(leaves: dict[tuple[str, ...], Any]) -> dict[str, Any]:
             node = node.setdefault(name, {})
         node[names[-1]] = leaf
     return nested
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line for a warning: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _nonfinite(leaves: dict[tuple[str, ...], Any]) -> list[str]:
+    """Paths of the floating-point leaves holding a NaN or an infinity (one device reduction for all)."""
+    floats = {names: x for names, x in leaves.items()
+              if jnp.issubdtype(getattr(x, "dtype", np.float32), jnp.inexact) and np.size(x)}
+    if not floats:
+        return []
+    finite = _all_finite(list(floats.values()))
+    finite = np.asarray(finite.addressable_data(0)) if isinstance(finite, jax.Array) else finite
+    return ["/".join(names) for names, ok in zip(floats, finite, strict=True) if not ok]
 
 
 def _listing(items: list[str]) -> str:
@@ -151,6 +193,11 @@ class Checkpointer:
         leaves = _named_leaves(state, "state")
         stored = {names: jax.random.key_data(leaf) if _is_key(leaf) else leaf
                   for names, leaf in leaves.items()}
+        bad = _nonfinite(stored)
+        if bad:
+            raise FloatingPointError(f"refusing to save step {step} to {self.directory}: non-finite values "
+                                     f"in {_listing(bad)}. The run diverged; the last good checkpoint is "
+                                     f"step {self.latest_step()}. Lower the learning rate or check the loss.")
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_nest(stored)),
                                      _METADATA: ocp.args.JsonSave(metadata)})
         saved = self._manager.save(step, args=args, force=force)
@@ -159,7 +206,7 @@ class Checkpointer:
 
     def restore(self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
                 ) -> tuple[PyTree, dict, int]:
-        """Restore (state, metadata, step) from `step` (default: the latest).
+        """Restore (state, metadata, step) from `step` (default: the latest readable one).
 
         With `partial`, `abstract_state` may be a part of the saved tree (e.g. `{"params": ...}` alone, for
         evaluation): only that part is read.
@@ -167,18 +214,53 @@ class Checkpointer:
         `abstract_state` has the structure of the saved state with jax.ShapeDtypeStruct leaves that carry a
         `.sharding` (or real arrays, whose shape, dtype and sharding are used): each array comes back with
         that sharding, on any mesh, not only the one it was saved from. A structure, shape or dtype that
-        differs from the checkpoint raises ValueError naming the paths, before any array is read.
+        differs from the checkpoint raises CheckpointMismatchError naming the paths, before any array is read.
+
+        Without `step`, a latest step that cannot be read back (or holds non-finite values) is moved aside
+        with a warning and the next older one is tried; CheckpointError when none is left. An explicit
+        `step` that cannot be read raises CheckpointError.
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}; save one first, or check the "
-                                        "directory (e.g. --workdir) is the one the run wrote to.")
-        elif step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step={step} in {self.directory}; available steps: "
-                                    f"{self.all_steps()}.")
-        abstract = _named_leaves(abstract_state, "abstract_state")
+        abstract = _named_leaves(abstract_state, "abstract_state")  # the caller's errors, raised first
         targets = {names: self._target(names, leaf) for names, leaf in abstract.items()}
+        if step is not None:
+            if step not in self._manager.all_steps():
+                raise FileNotFoundError(f"no checkpoint for step={step} in {self.directory}; available "
+                                        f"steps: {self.all_steps()}.")
+            try:
+                return self._restore_step(abstract_state, targets, step, partial)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure to read a step means it is broken
+                raise CheckpointError(f"step {step} in {self.directory} cannot be restored: "
+                                      f"{_brief(error)}") from error
+        steps = self.all_steps()[::-1]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; save one first, or check the "
+                                    "directory (e.g. --workdir) is the one the run wrote to.")
+        broken = []
+        for candidate in steps:
+            try:
+                restored = self._restore_step(abstract_state, targets, candidate, partial)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure to read a step means it is broken
+                broken.append((candidate, _brief(error)))
+                continue
+            if broken:
+                moved = self._move_aside([s for s, _ in broken])
+                warnings.warn(
+                    f"restored step {candidate} of {self.directory} instead of the latest: "
+                    + "; ".join(f"step {s} is broken ({why}), moved to {m}"
+                                for (s, why), m in zip(broken, moved, strict=True)), stacklevel=2)
+            return restored
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {why}" for s, why in broken)
+            + f". Delete {self.directory} to start the run over (or restore it from a backup).")
+
+    def _restore_step(self, abstract_state: PyTree, targets: dict, step: int, partial: bool
+                      ) -> tuple[PyTree, dict, int]:
+        abstract = _named_leaves(abstract_state, "abstract_state")
         self._check_matches(step, targets, partial=partial)
         if partial:
             restore_args = {names: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
@@ -189,14 +271,33 @@ class Checkpointer:
             state_args = ocp.args.StandardRestore(_nest(targets))
         args = ocp.args.Composite(**{_STATE: state_args, _METADATA: ocp.args.JsonRestore()})
         restored = self._manager.restore(step, args=args)
-        values = []
-        for names, leaf in abstract.items():
+        if not isinstance(restored[_METADATA], dict):
+            raise ValueError(f"metadata is {type(restored[_METADATA]).__name__}, not a dict")
+        values = {}
+        for names in abstract:
             value = restored[_STATE]
             for name in names:
                 value = value[name]
-            values.append(jax.random.wrap_key_data(value, dtype=leaf.dtype) if _is_key(leaf) else value)
-        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), values)
+            values[names] = value
+        bad = _nonfinite(values)
+        if bad:
+            raise FloatingPointError(f"non-finite values in {_listing(bad)}")
+        leaves = [jax.random.wrap_key_data(values[n], dtype=leaf.dtype) if _is_key(leaf) else values[n]
+                  for n, leaf in abstract.items()]
+        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_state), leaves)
         return state, restored[_METADATA], step
+
+    def _move_aside(self, steps: list[int]) -> list[Path]:
+        """Rename broken step directories out of Orbax's view (process 0; every process waits for it)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = [self.directory / f"broken-{step}-{stamp}" for step in steps]
+        if jax.process_index() == 0:
+            for step, target in zip(steps, moved, strict=True):
+                (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("grpo_jax checkpoint: broken steps moved aside")
+        self._manager.reload()
+        return moved
 
     def close(self):
         """Wait for pending work and release Orbax's resources."""
@@ -242,7 +343,7 @@ class Checkpointer:
         if differing:
             problems.append(f"shape or dtype differs: {_listing(differing)}")
         if problems:
-            raise ValueError(f"abstract_state does not match the checkpoint at step {step} in "
+            raise CheckpointMismatchError(f"abstract_state does not match the checkpoint at step {step} in "
                              f"{self.directory}: " + "; ".join(problems) + ". Build abstract_state from the "
                              "same model config and optimizer as the saved run (PRNG keys are compared as "
                              "their uint32 key data).")

@@ -11,12 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grpo_jax.checkpoint import Checkpointer
+from grpo_jax.checkpoint import Checkpointer, CheckpointError
 from grpo_jax.models import ModelConfig, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,3 +236,97 @@ def test_checkpoint_survives_sigkill_right_after_save(tmp_path):
         restored, metadata, step = ckpt.restore(_abstract(_weights(0)))
     assert (step, metadata) == (4, {"step": 4})
     _assert_identical(restored, _weights(4))
+
+
+def _largest_array_file(step_dir: Path) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate_array_file(step_dir: Path):
+    path = _largest_array_file(step_dir)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble_array_file(step_dir: Path):
+    path = _largest_array_file(step_dir)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "array file cut short": _truncate_array_file,
+    "array file overwritten with zeros": _garble_array_file,
+    "empty metadata": lambda d: (d / "metadata" / "metadata").write_text(""),
+    "missing _METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
+    "state directory gone": lambda d: __import__("shutil").rmtree(d / "state"),
+}
+
+
+def _random_state(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    return {"params": {"w": jnp.asarray(rng.normal(size=(128, 128)), jnp.float32),
+                       "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32)},
+            "rng": jax.random.key(step)}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_broken_latest_step_falls_back_to_the_previous_one_with_a_warning(tmp_path, corruption):
+    with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, _random_state(step), {"step": step}, force=True)
+    CORRUPTIONS[corruption](tmp_path / "2")
+    with Checkpointer(tmp_path, max_to_keep=3) as ckpt:
+        expected = r"restored step 1 .* instead of the latest: step 2 is broken"
+        with pytest.warns(UserWarning, match=expected) as w:
+            state, metadata, step = ckpt.restore(_abstract(_random_state(1)))
+        assert (step, metadata) == (1, {"step": 1})
+        _assert_identical(state, _random_state(1))
+        moved = [p.name for p in tmp_path.iterdir() if p.name.startswith("broken-2-")]
+        assert len(moved) == 1 and moved[0] in str(w[0].message)
+        assert ckpt.all_steps() == [1]
+        # The run goes on and writes step 2 again.
+        assert ckpt.save(2, _random_state(3), {"step": 2}, force=True)
+    with Checkpointer(tmp_path) as ckpt:
+        state, _, step = ckpt.restore(_abstract(_random_state(3)))
+    assert step == 2
+    _assert_identical(state, _random_state(3))
+
+
+def test_no_readable_step_is_a_clear_error_saying_what_to_delete(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _random_state(1), {"step": 1}, force=True)
+    _truncate_array_file(tmp_path / "1")
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError) as error:
+        ckpt.restore(_abstract(_random_state(1)))
+    assert f"no readable checkpoint in {tmp_path}: step 1:" in str(error.value)
+    assert f"Delete {tmp_path} to start the run over" in str(error.value)
+    # An explicit step is never replaced by another one.
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match="step 1 in .* cannot be rest"):
+        ckpt.restore(_abstract(_random_state(1)), step=1)
+
+
+def test_non_finite_arrays_are_neither_saved_nor_restored(tmp_path):
+    bad = _random_state(2)
+    bad["params"]["w"] = bad["params"]["w"].at[3, 4].set(jnp.nan)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _random_state(1), {"step": 1}, force=True)
+        with pytest.raises(FloatingPointError, match=r"refusing to save step 2 .* non-finite values in "
+                           r"params/w\. .* last good checkpoint is step 1"):
+            ckpt.save(2, bad, {"step": 2}, force=True)
+        assert ckpt.all_steps() == [1]
+    # A non-finite step written by other means (Orbax directly, same layout) is refused on restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    manager = ocp.CheckpointManager(tmp_path, handler_registry=registry)
+    stored = {"params": bad["params"], "rng": jax.random.key_data(bad["rng"])}
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(stored),
+                                            metadata=ocp.args.JsonSave({"step": 2})))
+    manager.wait_until_finished()
+    manager.close()
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        with pytest.warns(UserWarning, match=r"step 2 is broken \(FloatingPointError: non-finite values in "
+                          r"params/w\)"):
+            _, _, step = ckpt.restore(_abstract(_random_state(1)))
+    assert step == 1
