@@ -48,11 +48,19 @@ CombinedRewardFn = Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
 ANSWER_TAIL_CHARS = 8192  # final answers are read from the end of a completion only
 LANGUAGE_SCAN_CHARS = 100_000  # the script census looks at the start of the reasoning only
 MAX_NUMBER_CHARS = 100  # longer numbers (digits, separators, sign) are not read as answers
+MAX_DECIMAL_EXPONENT = 100  # "1e6" reads as 1000000; a larger exponent ("1e999999999") is not read
 
-# A number: digits with optional thousands commas ("1,234") and decimals, an optional sign, and an optional
-# "/denominator". No nested quantifiers, so matching is linear in the text.
-_NUM = r"(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?"
+# A number: digits with optional thousands commas ("1,234"), decimals ("3.5", ".5") and a decimal exponent
+# ("1e6", "2.5E-3"), an optional sign, and an optional "/denominator" ("...5" is 5, not .5). No nested
+# quantifiers, so matching is linear in the text.
+_NUM = r"(?:(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|(?<![.0-9])\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _NUMBER = re.compile(rf"-?{_NUM}(?:/-?{_NUM})?")
+_EXPONENT = re.compile(r"[eE]([+-]?[0-9]+)")
+# A power operator ("^", "**", or a superscript digit) right after a number, or right before one (with
+# LaTeX braces or a bracket between): "2^6", "10^{-3}", "2**6", "10⁶". Used on short windows only.
+_POWER_AFTER = re.compile(r"[\s}]*(?:\^|\*\*|[\u2070\u00b9\u00b2\u00b3\u2074-\u2079])")
+_POWER_BEFORE = re.compile(r"(\^|\*\*)[\s{(]*\Z")
+_POWER_WINDOW = 16  # characters looked at around a number for a power operator
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[0-9.,]+)\s*\}\{\s*(-?[0-9.,]+)\s*\}")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 
@@ -91,6 +99,8 @@ def _last_boxed(text: str) -> str | None:
 def _to_fraction(token: str) -> Fraction | None:
     if len(token) > MAX_NUMBER_CHARS:
         return None
+    if any(abs(int(e)) > MAX_DECIMAL_EXPONENT for e in _EXPONENT.findall(token)):
+        return None  # Fraction("1e999999999") would build a billion-digit integer
     numerator, _, denominator = token.replace(",", "").partition("/")
     value = Fraction(numerator)
     if denominator:
@@ -100,22 +110,30 @@ def _to_fraction(token: str) -> Fraction | None:
 
 
 def _last_number(text: str) -> Fraction | None:
-    r"""The last number in `text`, reading `\frac{a}{b}` and "a/b" as fractions and "1,234" as 1234.
+    r"""The last number in `text`, reading `\frac{a}{b}` and "a/b" as fractions, "1,234" as 1234 and "1e6" as
+    1000000.
 
     Currency, units and percent signs around it are ignored ("$12", "12 dollars", "12%" -> 12). A "-" right
-    after a letter, digit or ")" is a minus sign of subtraction, not of the number ("5-3" -> 3).
+    after a letter, digit or ")" is a minus sign of subtraction, not of the number ("5-3" -> 3). Powers are
+    never evaluated: a number that is the base or exponent of a power of numbers ("2^6", "2**6", "10^{-3}",
+    "(1+2)^2", "10⁶") gives None, and the exponent of a letter (a unit: "25 m^2", "5 \text{cm}^3") is skipped.
     """
     text = _LATEX_FRAC.sub(r"\1/\2", text.replace("{,}", ","))
-    last = None
-    for match in _NUMBER.finditer(text):
-        last = match
-    if last is None:
-        return None
-    token = last.group()
-    if token.startswith("-") and last.start() > 0 and (text[last.start() - 1].isalnum()
-                                                       or text[last.start() - 1] == ")"):
-        token = token[1:]
-    return _to_fraction(token)
+    for match in reversed(list(_NUMBER.finditer(text))):
+        start, end = match.span()
+        token = match.group()
+        if token.startswith("-") and start > 0 and (text[start - 1].isalnum() or text[start - 1] == ")"):
+            token, start = token[1:], start + 1
+        if _POWER_AFTER.match(text, end, end + _POWER_WINDOW):
+            return None  # the base of a power: "2^6", "2**x"
+        power = _POWER_BEFORE.search(text, max(0, start - _POWER_WINDOW), start)
+        if power is None:
+            return _to_fraction(token)
+        base = text[max(0, power.start() - _POWER_WINDOW):power.start()].rstrip().rstrip("}").rstrip()
+        if not (base and base[-1].isalpha()):
+            return None  # the exponent of a number or bracket: "2^6", "(1+2)^2"
+        # The exponent of a letter, a unit such as m^2: the answer is an earlier number.
+    return None
 
 
 def extract_answer(text: str) -> Fraction | None:
@@ -124,8 +142,10 @@ def extract_answer(text: str) -> Fraction | None:
     Looks, in order, for the last `<answer>...</answer>` (DeepSeek-R1 template), then within it (or the whole
     text) the last `\boxed{...}` with balanced braces (MATH, Hendrycks et al. 2021), else the line after the
     last `####` (GSM8K, Cobbe et al. 2021), and reads the last number of what it found, or of the whole text
-    when there is no marker. Only the last `ANSWER_TAIL_CHARS` characters are read, and numbers longer than
-    `MAX_NUMBER_CHARS` characters are not read, so the work is bounded on any input.
+    when there is no marker. Numbers read as written: "1,000" and "1e3" are 1000, "3.50" is 7/2; a power
+    ("2^6", "2**6", "10^{-3}") is never evaluated and gives None (see `_last_number`). Only the last
+    `ANSWER_TAIL_CHARS` characters are read, numbers longer than `MAX_NUMBER_CHARS` characters or with a
+    decimal exponent beyond `MAX_DECIMAL_EXPONENT` are not read, so the work is bounded on any input.
     """
     text = text[-ANSWER_TAIL_CHARS:].replace("\u2212", "-")  # U+2212 MINUS SIGN
     tagged = _last_tag_content(text, "<answer>", "</answer>")

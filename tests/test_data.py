@@ -226,26 +226,84 @@ def test_load_jsonl_field_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("bad_row, message", [
-    ('{"question": "q", "answer": "#### 1"', r"row 2: not valid JSON \(Expecting ',' delimiter"),
-    ('["q", "#### 1"]', r"row 2: expected a JSON object \{\.\.\.\}, got list"),
-    ('{"answer": "#### 1"}',
-     r"row 2: field 'question' is missing \(the row has \['answer'\]\); .*question_field="),
-    ('{"question": "q"}', r"row 2: field 'answer' is missing .*answer_field="),
-    ('{"question": 5, "answer": "#### 1"}', r"row 2: field 'question' must be a str, got int 5"),
-    ('{"question": "q", "answer": null}', r"row 2: field 'answer' must be a str or int, got NoneType"),
-    ('{"question": "q", "answer": "no marker"}',
-     r"row 2: field 'answer' does not contain '#### '.*answer_after=None"),
-])
+    ('{"question": "q", "answer": "#### 1"',
+     "line 2: not valid JSON (Expecting ',' delimiter, column 37); fix or remove the line."),
+    ("{'question': 'q', 'answer': '#### 1'}",
+     "line 2: not valid JSON (Expecting property name enclosed in double quotes, column 2); fix or remove "
+     "the line."),
+    ("[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deep); fix or remove the line."),
+    ('["q", "#### 1"]', "line 2: expected a JSON object {...}, got list; each line is one example."),
+    ('{"answer": "#### 1"}', "line 2: field 'question' is missing (the row has ['answer']); fix the row or "
+     "pass question_field= the field that holds it."),
+    ('{"question": "q"}', "line 2: field 'answer' is missing (the row has ['question']); fix the row or pass "
+     "answer_field= the field that holds it."),
+    ('{"question": 5, "answer": "#### 1"}',
+     "line 2: field 'question' must be a str, got int 5; fix the row."),
+    ('{"question": ["q"], "answer": "#### 1"}',
+     "line 2: field 'question' must be a str, got list ['q']; fix the row."),
+    ('{"question": " \\n", "answer": "#### 1"}',
+     "line 2: field 'question' is blank; give the question text, or remove the line."),
+    ('{"question": "q", "answer": null}',
+     "line 2: field 'answer' must be a str or int, got NoneType None; fix the row."),
+    ('{"question": "q", "answer": "no marker"}', "line 2: field 'answer' does not contain '#### ' (value "
+     "'no marker'); fix the row, or pass answer_after=None to use the whole field as the answer."),
+    ('{"question": "q", "answer": "2 + 2 = 4\\n####   "}', "line 2: field 'answer' has nothing after its "
+     "last '#### ' (value '2 + 2 = 4\\n####   '); write the final answer after it."),
+], ids=["truncated-json", "single-quotes", "nested-too-deep", "not-object", "no-question", "no-answer",
+        "int-question", "list-question", "blank-question", "null-answer", "no-marker", "empty-final"])
 def test_load_jsonl_malformed_rows(tmp_path, bad_row, message):
     path = write_jsonl(tmp_path / "data.jsonl", ['{"question": "q", "answer": "#### 1"}', bad_row])
-    with pytest.raises(ValueError, match=re.escape(str(path)) + ", " + message):
+    with pytest.raises(ValueError) as error:
         load_jsonl(path)
+    assert str(error.value) == f"{path}, {message}"
 
 
 def test_load_jsonl_empty_file(tmp_path):
-    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
-    with pytest.raises(ValueError, match="holds no rows"):
+    path = write_jsonl(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(ValueError) as error:
         load_jsonl(path)
+    assert str(error.value) == (f"{path} has 2 lines, all blank: no examples. Write one JSON object per "
+                                'line, e.g. {"question": ..., "answer": ...}.')
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        load_jsonl(path, question_field="problem", answer_field="solution")
+    assert str(error.value) == (f"{path} is empty: no examples. Write one JSON object per line, e.g. "
+                                '{"problem": ..., "solution": ...}.')
+
+
+def test_load_jsonl_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "q", "answer": "#### 1"}\n\n'
+                     + '{"question": "Caf\u00e9?", "answer": "#### 2"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError) as error:
+        load_jsonl(path)
+    assert str(error.value) == (f"{path}, line 3: not valid UTF-8 (byte 0xe9 at byte 18 of the line); "
+                                "re-save the file as UTF-8.")
+
+
+def test_load_jsonl_accepts_byte_order_mark_and_crlf(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"question": "Caf\xc3\xa9?", "answer": "#### 1"}\r\n\r\n'
+                     b'{"question": "q2", "answer": "#### 2"}\r\n')
+    assert load_jsonl(path) == [{"prompt": "Caf\u00e9?", "answer": "1", "solution": "#### 1"},
+                                {"prompt": "q2", "answer": "2", "solution": "#### 2"}]
+
+
+def test_load_jsonl_missing_file_names_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError) as error:
+        load_jsonl(path)
+    assert str(error.value) == f"JSONL file {path} not found; check the path."
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as error:
+        load_jsonl("data/train.jsonl")
+    assert str(error.value) == (f"JSONL file data/train.jsonl not found (a relative path, read from "
+                                f"{Path.cwd()}); check the path.")
+    with pytest.raises(IsADirectoryError) as error:
+        load_jsonl(tmp_path)
+    assert str(error.value) == (f"{tmp_path} is a directory; pass the path of a .jsonl file (one JSON object "
+                                "per line).")
 
 
 # ------------------------------------------------------------------------------------------------- GSM8K
@@ -261,6 +319,14 @@ def testparse_gsm8k_record():
         parse_gsm8k_record({"question": "q", "answer": "12"}, where="rec 3")
     with pytest.raises(ValueError, match=r"record: field 'question' must be text \(bytes or str\), got None"):
         parse_gsm8k_record({"answer": "#### 1"})
+    with pytest.raises(ValueError) as error:
+        parse_gsm8k_record({"question": b"Caf\xe9?", "answer": b"#### 1"}, where="gsm8k['test'][4]")
+    assert str(error.value) == ("gsm8k['test'][4]: field 'question' is not valid UTF-8 (byte 0xe9 at byte "
+                                "4); re-prepare the dataset.")
+    with pytest.raises(ValueError) as error:
+        parse_gsm8k_record({"question": "q", "answer": "1 + 1 = 2\n#### "}, where="rec 5")
+    assert str(error.value) == ("rec 5: field 'answer' has nothing after its last '#### ' (value '1 + 1 = "
+                                "2\\n#### '); GSM8K answers end with '#### <final answer>'.")
 
 
 def test_load_gsm8k_through_tfds_data_source(tmp_path):

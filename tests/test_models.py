@@ -6,9 +6,11 @@ import dataclasses
 import json
 import pathlib
 import re
+import struct
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -23,6 +25,7 @@ from grpo_jax.models import (
     causal_mask,
     config_from_hf,
     forward_logits,
+    hf,
     init_cache,
     load_hf_checkpoint,
     positions_from_mask,
@@ -301,6 +304,205 @@ def test_unexpected_tensor_is_named(tmp_path):
 def test_missing_config_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_bad_config_json_is_named(tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text('{"architectures": ["LlamaForCausalLM"],')
+    with pytest.raises(ValueError) as error:
+        load_hf_checkpoint(tmp_path)
+    assert str(error.value) == (f"{config_path} is not valid UTF-8 JSON (Expecting property name enclosed in "
+                                "double quotes: line 1 column 40 (char 39)); re-download the checkpoint's "
+                                "config.json.")
+    config_path.write_text("[]")
+    with pytest.raises(ValueError, match=re.escape(f"{config_path} holds a JSON list, expected an object")):
+        load_hf_checkpoint(tmp_path)
+    hf_config = json.loads((FIXTURES / "llama" / "config.json").read_text())
+    with pytest.raises(ValueError) as error:
+        config_from_hf({k: v for k, v in hf_config.items() if k not in ("hidden_size", "vocab_size")})
+    assert str(error.value) == ("config.json lacks ['vocab_size', 'hidden_size'], which every "
+                                "LlamaForCausalLM config.json has; use the config.json of the checkpoint, "
+                                "unedited.")
+    with pytest.raises(ValueError) as error:
+        config_from_hf(dict(hf_config, rope_parameters=dict(rope_type="llama3", factor=8.0)))
+    assert str(error.value) == ("config.json rope type 'llama3' lacks ['low_freq_factor', "
+                                "'high_freq_factor', 'original_max_position_embeddings']; give all of "
+                                "['factor', 'low_freq_factor', 'high_freq_factor', "
+                                "'original_max_position_embeddings'] "
+                                "in rope_scaling (or rope_parameters).")
+
+
+# ----------------------------------------------------------------------------- safetensors validation
+
+F32_4 = dict(dtype="F32", shape=[4], data_offsets=[0, 16])
+REEXPORT = "the file is truncated or corrupt; re-download or re-export the checkpoint."
+
+
+def write_raw(path: pathlib.Path, header, data: bytes = b"", header_len: int | None = None) -> pathlib.Path:
+    """A safetensors file written by hand: 8-byte little-endian header length, header bytes, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
+    return path
+
+
+def read_all(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    return {name: np.array(array) for name, array in iter_safetensors(directory)}
+
+
+def test_safetensors_valid_file_loads_exact_values(tmp_path):
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5,
+               "b": np.array([1.5, -2.25], ml_dtypes.bfloat16), "ids": np.array([-3, 7], np.int64),
+               "mask": np.array([True, False]), "scalar": np.array(2.0, np.float16),
+               "empty": np.zeros((0, 5), np.float32)}
+    write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+    loaded = read_all(tmp_path)
+    assert list(loaded) == list(tensors)
+    for name, want in tensors.items():
+        assert loaded[name].dtype == want.dtype and loaded[name].shape == want.shape, name
+        assert loaded[name].tobytes() == want.tobytes(), name
+    # Written by hand, in an order other than the data's, with header padding: still the right bytes.
+    header = {"__metadata__": {"format": "pt"}, "b": dict(dtype="I32", shape=[2], data_offsets=[8, 16]),
+              "a": dict(dtype="U8", shape=[2, 4], data_offsets=[0, 8])}
+    raw = json.dumps(header).encode() + b"   "
+    write_raw(tmp_path / "model.safetensors", raw, bytes(range(8)) + np.array([7, -1], "<i4").tobytes())
+    loaded = read_all(tmp_path)
+    np.testing.assert_array_equal(loaded["a"], np.arange(8, dtype=np.uint8).reshape(2, 4))
+    np.testing.assert_array_equal(loaded["b"], [7, -1])
+
+
+@pytest.mark.parametrize("keep, message", [
+    (5, "5 bytes, shorter than the 8-byte header length of a safetensors file"),
+    (20, "the header length field says 56 bytes, but the file has only 12 bytes after it"),
+    (-3, "tensor 'a' (F32, shape [4]): data_offsets [0, 16] run past the end of the data section (13 bytes)"),
+])
+def test_safetensors_truncated_file_is_named(tmp_path, keep, message):
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"a": np.arange(4, dtype=np.float32)})
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(ValueError) as error:
+        read_all(tmp_path)
+    assert str(error.value) == f"{path}: {message}; {REEXPORT}"
+
+
+def test_truncated_checkpoint_fails_load_hf_checkpoint(tmp_path):
+    save_hf_checkpoint(small_model(), tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # an interrupted download
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": tensor '[^']+' .* run past the end of "
+                       r"the data section .* truncated or corrupt; re-download or re-export"):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("header, data, header_len, message", [
+    (b"{not json", b"", None, "the 9-byte header is not valid UTF-8 JSON (Expecting property name enclosed "
+     "in double quotes: line 1 column 2 (char 1))"),
+    (b'\xff{"a": 1}', b"", None, "the 9-byte header is not valid UTF-8 JSON ('utf-8' codec can't decode "
+     "byte 0xff in position 0: invalid start byte)"),
+    (b'{"a": 1, "a": 2}', b"", None, "the 16-byte header is not valid UTF-8 JSON (duplicate keys ['a'])"),
+    (b"[1, 2]", b"", None, "the header is a JSON list, expected an object {tensor name: {dtype, shape, "
+     "data_offsets}}"),
+    ({"__metadata__": "pt"}, b"", None, "__metadata__ is str 'pt', expected an object"),
+    ({"a": F32_4}, bytes(16), 10**6, "the header length field says 1000000 bytes, but the file has only "
+     "AFTER bytes after it"),
+    ({"a": F32_4}, bytes(16), 2**64 - 1, f"the header length field says {2**64 - 1} bytes, but the file has "
+     "only AFTER bytes after it"),
+    ({"a": [1, 2]}, b"", None, "tensor 'a': header entry is list [1, 2], expected an object with dtype, "
+     "shape and data_offsets"),
+    ({"a": dict(dtype="F32", shape=[4])}, bytes(16), None,
+     "tensor 'a': header entry lacks ['data_offsets'] (it has ['dtype', 'shape'])"),
+    ({"a": dict(shape=[4], data_offsets=[0, 16])}, bytes(16), None,
+     "tensor 'a': header entry lacks ['dtype'] (it has ['data_offsets', 'shape'])"),
+    ({"a": dict(F32_4, shape=[4, -1])}, bytes(16), None,
+     "tensor 'a': shape [4, -1] is not a list of non-negative integers"),
+    ({"a": dict(F32_4, shape=[True])}, bytes(16), None,
+     "tensor 'a': shape [True] is not a list of non-negative integers"),
+    ({"a": dict(F32_4, data_offsets=[0, 16, 32])}, bytes(16), None,
+     "tensor 'a': data_offsets [0, 16, 32] is not [begin, end] with non-negative integers"),
+    ({"a": dict(F32_4, data_offsets=[0, 16.0])}, bytes(16), None,
+     "tensor 'a': data_offsets [0, 16.0] is not [begin, end] with non-negative integers"),
+    ({"a": dict(F32_4, data_offsets=[16, 0])}, bytes(16), None,
+     "tensor 'a' (F32, shape [4]): data_offsets [16, 0] end before they begin"),
+    ({"a": dict(F32_4, data_offsets=[8, 24])}, bytes(16), None,
+     "tensor 'a' (F32, shape [4]): data_offsets [8, 24] run past the end of the data section (16 bytes)"),
+    # The bytes of the offsets disagree with dtype x shape: never reinterpreted or reshaped.
+    ({"a": dict(F32_4, data_offsets=[0, 8])}, bytes(8), None,
+     "tensor 'a' (F32, shape [4]): data_offsets [0, 8] hold 8 bytes, but the dtype and shape need 16"),
+    ({"a": dict(F32_4, dtype="F16")}, bytes(16), None,
+     "tensor 'a' (F16, shape [4]): data_offsets [0, 16] hold 16 bytes, but the dtype and shape need 8"),
+    ({"a": dict(dtype="F32", shape=[2], data_offsets=[0, 8]),
+      "b": dict(dtype="F32", shape=[2], data_offsets=[4, 12])}, bytes(16), None,
+     "tensor 'b': data_offsets [4, 12] overlap tensor 'a' at [0, 8]"),
+    ({"a": dict(dtype="F32", shape=[2], data_offsets=[8, 16])}, bytes(16), None,
+     "tensor 'a': data_offsets [8, 16] leave bytes [0, 8] of the data section to no tensor"),
+    ({"a": F32_4}, bytes(20), None, "the data section has 20 bytes but its tensors cover only 16"),
+], ids=["not-json", "not-utf8", "duplicate-key", "not-object", "bad-metadata", "length-past-file",
+        "length-2**64-1", "entry-not-object", "no-offsets", "no-dtype", "negative-dim", "bool-dim",
+        "three-offsets", "float-offset", "end-before-begin", "offsets-past-data", "bytes-short-of-shape",
+        "dtype-disagrees", "overlap", "gap", "trailing-bytes"])
+def test_safetensors_bad_header_is_named(tmp_path, header, data, header_len, message):
+    path = write_raw(tmp_path / "model.safetensors", header, data, header_len)
+    with pytest.raises(ValueError) as error:
+        read_all(tmp_path)
+    message = message.replace("AFTER", str(path.stat().st_size - 8))
+    assert str(error.value) == f"{path}: {message}; {REEXPORT}"
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "C64", 5])
+def test_safetensors_unknown_dtype_names_the_supported_ones(tmp_path, dtype):
+    path = write_raw(tmp_path / "model.safetensors", {"w": dict(F32_4, dtype=dtype)}, bytes(16))
+    with pytest.raises(ValueError) as error:
+        read_all(tmp_path)
+    assert str(error.value) == (
+        f"{path}: tensor 'w' has dtype {dtype!r}, which grpo_jax cannot read; supported dtypes: F64, F32, "
+        "F16, BF16, I64, I32, I16, I8, U8, BOOL. Convert the checkpoint to one of them (e.g. save it in "
+        "bfloat16 or float32).")
+
+
+def test_safetensors_header_over_the_format_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf, "MAX_HEADER_BYTES", 32)
+    header = json.dumps({"a": F32_4}).encode()
+    path = write_raw(tmp_path / "model.safetensors", header, bytes(16))
+    with pytest.raises(ValueError) as error:
+        read_all(tmp_path)
+    assert str(error.value) == (f"{path}: the header length field says {len(header)} bytes, more than the 32 "
+                                f"the format allows; {REEXPORT}")
+
+
+def test_safetensors_corrupt_file_yields_nothing(tmp_path):
+    """A shard is validated whole before any of its tensors is yielded."""
+    header = {"a": dict(dtype="U8", shape=[1], data_offsets=[0, 1]),
+              "b": dict(dtype="U8", shape=[2], data_offsets=[1, 4])}
+    write_raw(tmp_path / "model.safetensors", header, bytes(4))
+    tensors = iter_safetensors(tmp_path)
+    with pytest.raises(ValueError, match=re.escape("tensor 'b' (U8, shape [2]): data_offsets [1, 4] hold 3")):
+        next(tensors)
+
+
+def test_safetensors_index_errors_are_named(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": ')
+    with pytest.raises(ValueError, match=re.escape(f"{index} is not a safetensors index (JSON with a "
+                                                   "'weight_map' object of tensor name -> file name): "
+                                                   "JSONDecodeError: Expecting value")):
+        read_all(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match=re.escape(f"{index} is not a safetensors index") + ".*KeyError"):
+        read_all(tmp_path)
+    write_safetensors(tmp_path / "model-00001-of-00002.safetensors", {"a": np.zeros(2, np.float32)})
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError) as error:
+        read_all(tmp_path)
+    assert str(error.value) == (f"{index} names shard files ['model-00002-of-00002.safetensors'] that are "
+                                f"not in {tmp_path}; download every shard of the checkpoint.")
+
+
+def test_write_safetensors_rejects_unsupported_dtype(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError) as error:
+        write_safetensors(path, {"ok": np.zeros(1, np.float32), "z": np.zeros(2, np.complex64)})
+    assert str(error.value).startswith(f"{path}: tensor 'z' has dtype complex64, which safetensors files of "
+                                       "grpo_jax cannot hold; cast it to one of [")
 
 
 @pytest.mark.parametrize("overrides, field", [

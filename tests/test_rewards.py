@@ -78,6 +78,88 @@ def test_extract_answer_values():
     assert extract_answer("no number here") is None
 
 
+EXTRACT_CASES = [  # (text, value): numbers read as written, powers never evaluated nor split
+    ("1e6", 1_000_000),
+    ("3.0e6", 3_000_000),
+    ("<answer>1e6</answer>", 1_000_000),
+    ("The total is 1.5E+3 dollars.", 1500),
+    ("#### 2.5e-3", Fraction(1, 400)),
+    ("1e100", 10**100),
+    ("1e101", None),  # exponent beyond MAX_DECIMAL_EXPONENT: not read
+    ("1e999999999", None),  # ... and never built as a billion-digit number
+    ("She bought 3 eggs", 3),  # an "e" without exponent digits is a word
+    ("2^6", None),
+    ("<answer>2^6</answer>", None),
+    ("2 ^ 6", None),
+    ("2**6", None),
+    ("10^{-3}", None),
+    ("2^-6", None),
+    ("2^(6)", None),
+    ("(1+2)^2", None),
+    ("10\u2076", None),  # a superscript exponent
+    ("1.5 \\times 10^6", None),
+    ("2^x", None),  # the base of a power
+    ("The area is 25 m^2.", 25),  # a unit's exponent is skipped
+    ("\\boxed{25 \\text{ cm}^2}", 25),
+    ("x^2", None),
+    ("x^2 = 16, so x = 4", 4),
+    ("1,000", 1000),
+    ("1,000,000.5", Fraction(2_000_001, 2)),
+    ("-5", -5),
+    ("3.50", Fraction(7, 2)),
+    ("$5", 5),
+    (".5", Fraction(1, 2)),
+    ("-.5", Fraction(-1, 2)),
+    ("so the answer is...72", 72),  # an ellipsis is not a decimal point
+    ("5-3", 3),
+    ("-1,000.5e-3/2", Fraction(-2001, 4000)),
+]
+
+
+@pytest.mark.parametrize("text, value", EXTRACT_CASES)
+def test_extract_answer_scientific_notation_and_powers(text, value):
+    assert extract_answer(text) == value
+
+
+@pytest.mark.parametrize("completion, reference, expected", [
+    ("<answer>1e6</answer>", "1000000", 1.0),
+    ("<answer>1e6</answer>", "6", 0.0),
+    ("<answer>3.0e6</answer>", "#### 3,000,000", 1.0),
+    ("<answer>2^6</answer>", "6", 0.0),
+    ("<answer>2^6</answer>", "64", 0.0),  # read, never evaluated
+])
+def test_accuracy_reward_scientific_notation_and_powers(completion, reference, expected):
+    assert accuracy_reward(["q"], [completion], answer=[reference]) == [expected]
+
+
+ADVERSARIAL = 100_000
+ADVERSARIAL_CASES = [  # 100k-character strings built to make a backtracking number pattern blow up
+    ("1e" * (ADVERSARIAL // 2), 10),
+    ("2^" * (ADVERSARIAL // 2) + "2", None),
+    ("m^2 " * (ADVERSARIAL // 4), None),
+    ("1," * (ADVERSARIAL // 2), 1),
+    ("1." * (ADVERSARIAL // 2), Fraction(11, 10)),
+    (("1" * 99 + "e") * (ADVERSARIAL // 100), None),  # numbers too long to read
+    ("1" + " " * ADVERSARIAL + "^2", None),
+    ("^{" * (ADVERSARIAL // 2) + "7", None),
+    ("**" * (ADVERSARIAL // 2) + "7", None),
+    ("e-" * (ADVERSARIAL // 2) + "8", 8),  # "e-8": a minus after a letter is subtraction
+    ("1e-1e-" * (ADVERSARIAL // 6) + "9", 9),
+    ("\\frac{1}{" * (ADVERSARIAL // 9) + "4}", Fraction(1, 4)),
+    ("9" * ADVERSARIAL + "e5", None),
+    ("2\u2076" * (ADVERSARIAL // 2), None),
+]
+
+
+@pytest.mark.parametrize("text, value", ADVERSARIAL_CASES, ids=[repr(t[:12]) for t, _ in ADVERSARIAL_CASES])
+def test_extract_answer_on_adversarial_100k_strings(text, value):
+    assert len(text) >= ADVERSARIAL - 12
+    start = time.perf_counter()
+    assert extract_answer(text) == value
+    assert accuracy_reward(["q"], [text], answer=["7"]) == [float(value == 7)]
+    assert time.perf_counter() - start < 2.0  # a generous bound: matching is linear, not a benchmark
+
+
 def test_accuracy_reward_rejects_bad_references():
     with pytest.raises(ValueError, match=r"answer\[1\]='N/A' has no numeric final answer"):
         accuracy_reward(["q", "q"], ["1", "2"], answer=["1", "N/A"])
@@ -219,7 +301,7 @@ def test_safe_arithmetic(expression, expected):
 # Fuzzing: pieces of the syntax the built-ins look for, plus arbitrary text, sometimes repeated to ~1 MB.
 PIECES = ["<think>", "</think>", "<answer>", "</answer>", "\\boxed{", "\\frac{", "{", "}", "####", "$",
           "%", "1,234", "-", "\u2212", "/", ".", "**", "(", ")", "=", "9", "0", "x",
-          "中", "Я", "𝑥", "\x00", " ", "\n"]
+          "中", "Я", "𝑥", "\x00", " ", "\n", "e", "E+", "^", "^{", "\u2076", "m^2"]
 fuzz_text = st.tuples(
     st.lists(st.sampled_from(PIECES) | st.text(max_size=8), max_size=30).map("".join),
     st.sampled_from([1, 1, 1, 1000, 5000]),

@@ -23,7 +23,12 @@ def parse_gsm8k_record(record: Mapping[str, Any], where: str = "record") -> Exam
     for name in ("question", "answer"):
         value = record.get(name)
         if isinstance(value, bytes):
-            value = value.decode("utf-8")
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{value[e.start]:02x} at byte {e.start + 1}"
+                raise ValueError(f"{where}: field {name!r} is not valid UTF-8 ({bad}); re-prepare the "
+                                 "dataset.") from e
         if not isinstance(value, str):
             raise ValueError(f"{where}: field {name!r} must be text (bytes or str), got "
                              f"{type(value).__name__}; the record is not a GSM8K record.")
@@ -31,6 +36,9 @@ def parse_gsm8k_record(record: Mapping[str, Any], where: str = "record") -> Exam
     final = text_after(texts["answer"], GSM8K_MARKER)
     if final is None:
         raise ValueError(f"{where}: field 'answer' does not contain {GSM8K_MARKER!r} (value "
+                         f"{texts['answer']!r:.80}); GSM8K answers end with '#### <final answer>'.")
+    if not final:
+        raise ValueError(f"{where}: field 'answer' has nothing after its last {GSM8K_MARKER!r} (value "
                          f"{texts['answer']!r:.80}); GSM8K answers end with '#### <final answer>'.")
     return {"prompt": texts["question"], "answer": final, "solution": texts["answer"]}
 

@@ -1,14 +1,19 @@
 """Hugging Face checkpoints in and out: `config.json` <-> `ModelConfig`, `*.safetensors` <-> parameters.
 
 No torch: safetensors files are read through `numpy.memmap`, one tensor at a time, straight into the
-parameter it belongs to, so a checkpoint never exists twice in host memory. Sharded checkpoints are
+parameter it belongs to, so a checkpoint never exists twice in host memory. Each file's header is checked
+against the file first (dtypes, shapes, byte offsets, file length), so a truncated or corrupt file raises a
+ValueError naming the file and tensor instead of loading garbage. Sharded checkpoints are
 followed through `model.safetensors.index.json`. Supported: LlamaForCausalLM, Qwen2ForCausalLM,
 Qwen3ForCausalLM (config.json in the transformers 4.x or 5.x layout).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import math
 import pathlib
 import struct
 from collections.abc import Iterator
@@ -23,6 +28,8 @@ from grpo_jax.models.config import ModelConfig, RopeScaling
 from grpo_jax.models.transformer import Transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads")
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -41,6 +48,10 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
         raise ValueError(
             f"config.json architectures={hf_config.get('architectures')} is not supported; grpo_jax loads "
             f"{ARCHITECTURES}.")
+    missing = [key for key in _REQUIRED_CONFIG_KEYS if key not in hf_config]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}, which every {architecture} config.json has; use the "
+                         "config.json of the checkpoint, unedited.")
     if hf_config.get("hidden_act", "silu") != "silu":
         raise ValueError(
             f"config.json hidden_act={hf_config['hidden_act']!r}: only 'silu' (SwiGLU) is supported.")
@@ -52,6 +63,10 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     scaling = None
     if rope_type == "llama3":
         params = {**legacy, **rope}
+        keys = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+        if missing := [key for key in keys if key not in params]:
+            raise ValueError(f"config.json rope type 'llama3' lacks {missing}; give all of {keys} in "
+                             "rope_scaling (or rope_parameters).")
         scaling = RopeScaling(
             factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
             high_freq_factor=float(params["high_freq_factor"]),
@@ -104,19 +119,133 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- safetensors
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
+_REEXPORT = "the file is truncated or corrupt; re-download or re-export the checkpoint"
 
-def _read_header(path: pathlib.Path) -> tuple[dict, int]:
+
+@dataclasses.dataclass(frozen=True)
+class _TensorEntry:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data section, which starts right after the header
+    end: int
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    counts = collections.Counter(key for key, _ in pairs)
+    duplicates = sorted(key for key, count in counts.items() if count > 1)
+    if duplicates:
+        raise ValueError(f"duplicate keys {duplicates[:4]}")
+    return dict(pairs)
+
+
+def _tensor_entry(path: pathlib.Path, name: str, info: object) -> _TensorEntry:
+    """One header entry checked on its own: fields present, dtype supported, shape and offsets integers."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: header entry is {type(info).__name__} {info!r:.80}, expected an object "
+                         f"with dtype, shape and data_offsets; {_REEXPORT}.")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise ValueError(f"{where}: header entry lacks {missing} (it has {sorted(info)}); {_REEXPORT}.")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype_name!r}, which grpo_jax cannot read; supported dtypes: "
+                         f"{', '.join(_ST_DTYPES)}. Convert the checkpoint to one of them (e.g. save it in "
+                         "bfloat16 or float32).")
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(shape, list) or not all(map(is_int, shape)):
+        raise ValueError(f"{where}: shape {shape!r:.80} is not a list of non-negative integers; {_REEXPORT}.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
+        raise ValueError(f"{where}: data_offsets {offsets!r:.80} is not [begin, end] with non-negative "
+                         f"integers; {_REEXPORT}.")
+    return _TensorEntry(name, np.dtype(_ST_DTYPES[dtype_name]), tuple(shape), offsets[0], offsets[1])
+
+
+def _read_header(path: pathlib.Path) -> tuple[list[_TensorEntry], int]:
+    """The tensors of one safetensors file, each checked against the file, and where its data starts.
+
+    Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data section. Every entry must have a
+    supported dtype, `end - begin == prod(shape) * itemsize`, and the entries must tile the data section
+    exactly (no overlap, no gap, nothing past its end), as the format requires. Raises ValueError naming
+    the file (and tensor) before any tensor is read, so a corrupt file never loads as garbage.
+    """
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return header, 8 + size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: {file_size} bytes, shorter than the 8-byte header length of a "
+                             f"safetensors file; {_REEXPORT}.")
+        (size,) = struct.unpack("<Q", prefix)
+        if size > file_size - 8:
+            raise ValueError(f"{path}: the header length field says {size} bytes, but the file has only "
+                             f"{file_size - 8} bytes after it; {_REEXPORT}.")
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: the header length field says {size} bytes, more than the "
+                             f"{MAX_HEADER_BYTES} the format allows; {_REEXPORT}.")
+        raw = f.read(size)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: the {size}-byte header is not valid UTF-8 JSON ({e}); {_REEXPORT}.") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, expected an object "
+                         f"{{tensor name: {{dtype, shape, data_offsets}}}}; {_REEXPORT}.")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: __metadata__ is {type(metadata).__name__} {metadata!r:.80}, expected an "
+                         f"object; {_REEXPORT}.")
+    entries = [_tensor_entry(path, name, info) for name, info in header.items()]
+    data_size = file_size - 8 - size
+    for entry in entries:
+        nbytes = math.prod(entry.shape) * entry.dtype.itemsize
+        where = f"{path}: tensor {entry.name!r} ({_ST_NAMES[entry.dtype]}, shape {list(entry.shape)})"
+        if entry.begin > entry.end:
+            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] end before they begin; "
+                             f"{_REEXPORT}.")
+        if entry.end - entry.begin != nbytes:
+            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] hold "
+                             f"{entry.end - entry.begin} bytes, but the dtype and shape need {nbytes}; "
+                             f"{_REEXPORT}.")
+        if entry.end > data_size:
+            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] run past the end of the "
+                             f"data section ({data_size} bytes); {_REEXPORT}.")
+    position, previous = 0, None  # the data section must be covered exactly once, in offset order
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            what = (f"overlap tensor {previous.name!r} at [{previous.begin}, {previous.end}]"
+                    if entry.begin < position else
+                    f"leave bytes [{position}, {entry.begin}] of the data section to no tensor")
+            raise ValueError(f"{path}: tensor {entry.name!r}: data_offsets [{entry.begin}, {entry.end}] "
+                             f"{what}; {_REEXPORT}.")
+        position, previous = entry.end, entry
+    if position != data_size:
+        raise ValueError(f"{path}: the data section has {data_size} bytes but its tensors cover only "
+                         f"{position}; {_REEXPORT}.")
+    return entries, 8 + size
 
 
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map' object of "
+                             f"tensor name -> file name): {type(e).__name__}: {e}; re-download or "
+                             "re-export the checkpoint.") from e
+        files = [directory / name for name in names]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files {missing} that are not in {directory}; "
+                                    "download every shard of the checkpoint.")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {directory}")
@@ -124,21 +253,29 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 
 def iter_safetensors(directory: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, memory-mapped array) for every tensor of a (possibly sharded) checkpoint directory."""
+    """(name, memory-mapped array) for every tensor of a (possibly sharded) checkpoint directory.
+
+    Each file's header is validated against the file (see `_read_header`) before any of its tensors is
+    yielded; a truncated or corrupt file raises ValueError naming the file and the tensor.
+    """
     for path in _safetensors_files(pathlib.Path(directory)):
-        header, data_start = _read_header(path)
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            count = (end - begin) // dtype.itemsize
-            yield name, np.memmap(path, dtype, "r", data_start + begin, (count,)).reshape(info["shape"])
+        entries, data_start = _read_header(path)
+        for entry in entries:
+            if entry.begin == entry.end:  # nothing to map
+                yield entry.name, np.zeros(entry.shape, entry.dtype)
+                continue
+            count = (entry.end - entry.begin) // entry.dtype.itemsize
+            array = np.memmap(path, entry.dtype, "r", data_start + entry.begin, (count,))
+            yield entry.name, array.reshape(entry.shape)
 
 
 def write_safetensors(path: str | pathlib.Path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
-    """Write `tensors` (C-contiguous numpy arrays) to one safetensors file."""
+    """Write `tensors` (numpy arrays of a dtype in `_ST_DTYPES`) to one safetensors file."""
     header, offset = {}, 0
     for name, array in tensors.items():
+        if array.dtype not in _ST_NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors files of "
+                             f"grpo_jax cannot hold; cast it to one of {sorted(map(str, _ST_NAMES))}.")
         header[name] = dict(dtype=_ST_NAMES[array.dtype], shape=list(array.shape),
                             data_offsets=[offset, offset + array.nbytes])
         offset += array.nbytes
@@ -198,7 +335,15 @@ def load_hf_checkpoint(directory: str | pathlib.Path, **overrides) -> Transforme
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: pass a Hugging Face checkpoint directory.")
-    cfg = config_from_hf(json.loads(config_path.read_text()), **overrides)
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid UTF-8 JSON ({e}); re-download the checkpoint's "
+                         "config.json.") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(hf_config).__name__}, expected an object; "
+                         "re-download the checkpoint's config.json.")
+    cfg = config_from_hf(hf_config, **overrides)
     model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))  # shapes only, no memory
     expected = _param_map(cfg)
     seen = set()
