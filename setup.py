@@ -24,8 +24,11 @@ setup(
         "tokenizers>=0.15",
         "jinja2>=3.1",
         "matplotlib>=3.7",
+        "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.15"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.15",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "wandb>=0.17"],
+        "wandb": ["wandb>=0.17"],
     },
 )

@@ -12,7 +12,9 @@ them, only --distributed).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import pathlib
 import time
 
@@ -24,7 +26,9 @@ from ml_collections import config_flags
 
 from grpo_jax import evaluation, sft, sharding
 from grpo_jax import rewards as rewards_lib
-from grpo_jax.config import SECTIONS, GRPOConfig
+from grpo_jax._validation import check_fields
+from grpo_jax.checkpoint import Checkpointer
+from grpo_jax.config import SECTIONS, GRPOConfig, flatten
 from grpo_jax.data import (
     PLAIN,
     R1_ZERO,
@@ -36,11 +40,11 @@ from grpo_jax.data import (
     load_gsm8k,
     load_jsonl,
 )
-from grpo_jax.metrics import plot_metrics, read_jsonl
+from grpo_jax.metrics import LOGGERS, plot_metrics, read_jsonl
 from grpo_jax.models import ModelConfig, Transformer, load_hf_checkpoint
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.tokenizers import Tokenizer, load_tokenizer
-from grpo_jax.trainer import Trainer, train
+from grpo_jax.trainer import Trainer, check_same_run, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.", required=True)
@@ -62,6 +66,109 @@ REWARDS = {
 }
 
 
+TASKS = ("arithmetic", "countdown", "gsm8k", "jsonl")
+TEMPLATES = ("plain", "r1_zero", "chat")
+# The experiment fields that define a run beyond GRPOConfig: a resume with any of them changed is refused.
+RUN_FIELDS = ("task", "task_args", "template", "tokenizer", "checkpoint", "max_prompt_tokens", "rewards",
+              "init_perturbation", "model", "warm_start")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config(config) -> None:
+    """The experiment's own fields (GRPOConfig checks its sections): ranges, names, files, in one pass before
+    anything is loaded. Each error names the config path, the value and the fix."""
+    def number(x):
+        return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not config.tokenizer and not config.checkpoint:
+        raise ValueError("config.tokenizer and config.checkpoint are both empty; pass "
+                         "--config.checkpoint=/path/to/a/hugging/face/model (a local directory) or "
+                         "--config.tokenizer=char.")
+    ws = config.warm_start
+    check_fields("config", [
+        ("seed", config.seed, _is_int(config.seed), "must be an integer"),
+        ("init_perturbation", config.init_perturbation,
+         number(config.init_perturbation) and config.init_perturbation >= 0, "must be a finite number >= 0"),
+        ("num_steps", config.num_steps, _is_int(config.num_steps) and config.num_steps >= 1,
+         "must be an integer >= 1 (GRPO iterations)"),
+        ("checkpoint_every", config.checkpoint_every,
+         _is_int(config.checkpoint_every) and config.checkpoint_every >= 1,
+         "must be >= 1 (GRPO steps between checkpoints; the last step is always saved)"),
+        ("log_every", config.log_every, _is_int(config.log_every) and config.log_every >= 1, "must be >= 1"),
+        ("sample_every", config.sample_every, _is_int(config.sample_every) and config.sample_every >= 0,
+         "must be >= 0 (0: no sample completions)"),
+        ("eval_examples", config.eval_examples, _is_int(config.eval_examples) and config.eval_examples >= 0,
+         "must be >= 0 (0: no held-out evaluation)"),
+        ("eval_batch_prompts", config.eval_batch_prompts,
+         _is_int(config.eval_batch_prompts) and config.eval_batch_prompts >= 1, "must be >= 1"),
+        ("max_prompt_tokens", config.max_prompt_tokens,
+         _is_int(config.max_prompt_tokens) and config.max_prompt_tokens >= 1, "must be >= 1"),
+        ("loggers", config.loggers,
+         not isinstance(config.loggers, str) and set(config.loggers) <= set(LOGGERS),
+         f"must be a tuple of names from {LOGGERS}, e.g. ('tensorboard', 'wandb')"),
+        ("loggers", config.loggers, "wandb" not in config.loggers or importlib.util.find_spec("wandb"),
+         "needs the wandb package: pip install wandb (or drop 'wandb')"),
+        ("task", config.task, config.task in TASKS, f"is not a task; use one of {TASKS}"),
+        ("template", config.template, config.template in TEMPLATES,
+         f"is not a template; use one of {TEMPLATES}"),
+        ("rewards", config.rewards, bool(config.rewards) and all(
+            len(r) == 2 and r[0] in REWARDS and number(r[1]) for r in config.rewards),
+         f"must be (name, finite weight) pairs with names from {sorted(REWARDS)}"),
+        ("checkpoint", config.checkpoint, not config.checkpoint or
+         (pathlib.Path(config.checkpoint) / "config.json").is_file(),
+         "is not a Hugging Face model directory (no config.json in it); pass a local directory holding "
+         "config.json and *.safetensors, or \"\" for a random model"),
+        ("tokenizer", config.tokenizer, config.tokenizer in ("", "char") or
+         pathlib.Path(config.tokenizer).is_dir(),
+         "must be \"char\", a local Hugging Face model directory, or \"\" (config.checkpoint's tokenizer)"),
+    ])
+    check_fields("config.warm_start", [
+        ("steps", ws.steps, _is_int(ws.steps) and ws.steps >= 0, "must be >= 0 (0: no warm start)"),
+        ("batch_size", ws.batch_size, _is_int(ws.batch_size) and ws.batch_size >= 1, "must be >= 1"),
+        ("learning_rate", ws.learning_rate, number(ws.learning_rate) and ws.learning_rate > 0,
+         "must be a finite number > 0"),
+        ("ema", ws.ema, number(ws.ema) and 0 <= ws.ema < 1, "must be in [0, 1) (0: no moving average)"),
+        ("threshold", ws.threshold, number(ws.threshold) and 0 <= ws.threshold <= 1,
+         "must be a held-out accuracy in [0, 1] (0: run all config.warm_start.steps)"),
+        ("eval_every", ws.eval_every, _is_int(ws.eval_every) and ws.eval_every >= 1, "must be >= 1"),
+    ])
+    if config.task == "jsonl":
+        for split in ("train", "test"):
+            path = config.task_args.get(f"{split}_path", "")
+            if not path or not pathlib.Path(path).is_file():
+                raise ValueError(f"config.task_args.{split}_path={path!r} is not a file; config.task='jsonl' "
+                                 "needs a JSONL file per split (GRPO trains on train_path, the held-out "
+                                 "accuracy is measured on test_path).")
+    if not config.checkpoint:
+        try:
+            ModelConfig(**config.model)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config.model: {error}") from None
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+    """The workdir exists (created if needed) and takes files, before any work that would be lost."""
+    probe = workdir / f".write_test_{jax.process_index()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        why = error.strerror or error
+        raise ValueError(f"--workdir={str(workdir)!r} is not a writable directory ({why}); pass a directory "
+                         "this user can create and write.") from None
+
+
+def run_fingerprint(config) -> dict:
+    """{config path: value} of RUN_FIELDS, compared with a checkpoint's when the run resumes."""
+    fields = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name]
+              for name in RUN_FIELDS}
+    return flatten(json.loads(json.dumps(fields)))
+
+
 def make_examples(config, split: str):
     args = dict(config.task_args)
     if config.task == "arithmetic":
@@ -72,10 +179,6 @@ def make_examples(config, split: str):
         return load_gsm8k(split, **args)
     if config.task == "jsonl":
         paths = {s: args.pop(f"{s}_path", "") for s in ("train", "test")}
-        missing = [f"config.task_args.{s}_path" for s, path in paths.items() if not path]
-        if missing:  # checked when the train split loads, before the warm start evaluates the test split
-            raise ValueError(f"config.task='jsonl' needs {' and '.join(missing)}: a JSONL file per split "
-                             "(GRPO trains on train_path, the held-out accuracy is measured on test_path).")
         return load_jsonl(paths[split], **args)
     raise ValueError(f"config.task={config.task!r} must be arithmetic, countdown, gsm8k or jsonl.")
 
@@ -106,12 +209,7 @@ def make_reward_fn(config, tokenizer: Tokenizer):
 
 def make_tokenizer(config) -> Tokenizer:
     """config.tokenizer: "char", a Hugging Face directory, or "" for config.checkpoint's own tokenizer."""
-    spec = config.tokenizer or config.checkpoint
-    if not spec:
-        raise ValueError("config.tokenizer and config.checkpoint are both empty; pass "
-                         "--config.checkpoint=/path/to/a/hugging/face/model (a local directory) or "
-                         "--config.tokenizer=char.")
-    return load_tokenizer(spec)
+    return load_tokenizer(config.tokenizer or config.checkpoint)
 
 
 def make_model(config, tokenizer: Tokenizer) -> Transformer:
@@ -181,7 +279,7 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
           f"held-out greedy accuracy {last.get('eval', float('nan')):.3f}", flush=True)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "warm_start.json").write_text(json.dumps(summary) + "\n")
+        write_json(workdir / "warm_start.json", summary)
     return model
 
 
@@ -194,12 +292,23 @@ def grpo_config(config, tokenizer: Tokenizer) -> GRPOConfig:
                                  "seed": config.seed})
 
 
-def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | None = None):
+def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | None = None,
+          resume: Checkpointer | None = None):
     """Everything a run needs, checked before any expensive work starts; with `workdir` (a fresh run), the
     model is first trained supervised (config.warm_start) before GRPO. `model`: start from it instead of
-    config's (no warm start), e.g. one warm start shared by runs being compared."""
+    config's (no warm start), e.g. one warm start shared by runs being compared. `resume`: the checkpoints
+    the run will resume from; a checkpoint of another run is refused before any model or data loads."""
+    check_config(config)
     tokenizer = make_tokenizer(config)
     grpo = grpo_config(config, tokenizer)
+    fingerprint = run_fingerprint(config)
+    if resume is not None:
+        try:
+            saved = resume.metadata()
+        except Exception:  # noqa: BLE001 - an unreadable latest step: restore falls back past it later
+            saved = None
+        if saved is not None:
+            check_same_run(saved, grpo, fingerprint, resume.directory, partial=True)
     mesh = sharding.make_mesh(config.mesh_shape)
     rollout_shape = config.get("rollout_mesh_shape", "")  # configs written before the field sample on `mesh`
     rollout_mesh = sharding.make_mesh(rollout_shape) if rollout_shape else None
@@ -221,7 +330,15 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
-    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh)
+    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh,
+                   fingerprint=fingerprint)
+
+
+def write_json(path: pathlib.Path, value) -> None:
+    """Write `value` as JSON all at once: a reader never sees half a file, even after a kill -9."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(value) + "\n")
+    partial.replace(path)
 
 
 def main(argv) -> None:
@@ -229,21 +346,29 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep the console to the progress line (Orbax logs at INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value)
-    # The warm start is part of a fresh run only: a resumed run restores its GRPO checkpoint instead.
-    fresh = not (workdir / "checkpoints").is_dir() or not any((workdir / "checkpoints").iterdir())
-    trainer = build(config, workdir=workdir if fresh else None)
+    run(_CONFIG.value, pathlib.Path(_WORKDIR.value), stop_after=_STOP_AFTER.value)
+
+
+def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None:
+    """The main command: checks, warm start (fresh runs), GRPO to config.num_steps (or `stop_after` steps),
+    held-out accuracy before and after. Running it again resumes."""
+    check_config(config)
+    check_workdir(workdir)
+    # The warm start is part of a fresh run only: a resumed run restores its checkpoint instead (a fresh run
+    # saves step 0 right after it). Opening the checkpoints deletes a save that a kill cut short.
+    with Checkpointer(workdir / "checkpoints") as checkpoints:
+        fresh = checkpoints.latest_step() is None
+        trainer = build(config, workdir=workdir if fresh else None, resume=None if fresh else checkpoints)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)
         start = held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
         if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            start_file.write_text(json.dumps({"greedy_accuracy": start}) + "\n")
-    stop = config.num_steps if _STOP_AFTER.value is None else min(_STOP_AFTER.value, config.num_steps)
-    train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every,
-          log_every=config.log_every, sample_every=config.sample_every)
+            write_json(start_file, {"greedy_accuracy": start})
+    stop = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
+    train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+          sample_every=config.sample_every, loggers=config.loggers, run_name=workdir.name,
+          run_config=config.to_dict())
     # Every process evaluates (the sampler's batch is sharded over all of them); process 0 reports.
     end = None
     if config.eval_examples:
@@ -253,14 +378,14 @@ def main(argv) -> None:
     records = read_jsonl(workdir / "metrics.jsonl")
     keys = [k for k in ("reward_mean", "reward/accuracy", "kl", "completion_length_mean")
             if any(k in r for r in records)]
-    plot_metrics(records, keys, workdir / "plots.png")
+    plot_metrics(records, keys, workdir / "plots.png", title=workdir.name)
     first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
     print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
           f"{workdir / 'plots.png'}")
     if end is not None:
         start = json.loads(start_file.read_text())["greedy_accuracy"] if start_file.exists() else None
-        (workdir / "accuracy.json").write_text(json.dumps(
-            {"start": start, "end": end, "step": trainer.step, "examples": config.eval_examples}) + "\n")
+        write_json(workdir / "accuracy.json",
+                   {"start": start, "end": end, "step": trainer.step, "examples": config.eval_examples})
         summary = f"held-out greedy accuracy on {config.eval_examples} test problems: "
         if start is None:
             print(f"{summary}{end:.1%} after {trainer.step} steps")

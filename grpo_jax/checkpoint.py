@@ -174,6 +174,17 @@ class Checkpointer:
         """Every committed step, oldest first."""
         return sorted(self._manager.all_steps())
 
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata saved with `step` (default: the latest), without reading any array."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            **{_METADATA: ocp.args.JsonRestore()}))
+        if not isinstance(restored[_METADATA], dict):
+            raise ValueError(f"step {step} in {self.directory}: metadata is not a dict")
+        return restored[_METADATA]
+
     def save(self, step: int, state: PyTree, metadata: dict, *, force: bool = False) -> bool:
         """Save the array pytree `state` and the JSON-able `metadata` as one checkpoint at `step`.
 

@@ -1,13 +1,26 @@
-"""Training metrics: a JSONL log, TensorBoard event files, one progress line with ETA, and plots.
+"""Training metrics: a JSONL log, TensorBoard and Weights & Biases loggers, a progress line with ETA, plots.
 
-`MetricsWriter.write(step, metrics)` appends `{"step", "time", **metrics}` to `<workdir>/metrics.jsonl` and
-writes every metric as a TensorBoard scalar to `<workdir>/tensorboard/events.out.tfevents.<time>.<host>`.
-Event files are written by hand (TFRecord framing + the few fields of the `tensorflow.Event` protobuf that
-scalars need), so neither TensorFlow nor protobuf is a dependency.
+`MetricsWriter.write(step, metrics)` always appends `{"step", "time", **metrics}` to `<workdir>/metrics.jsonl`
+(the record of the run that `read_jsonl` and `plot_metrics` read) and sends the scalars to the loggers named
+in `loggers` (`config.loggers` of the experiments):
+
+  "tensorboard"  `<workdir>/tensorboard/events.out.tfevents.<time>.<host>[.<n>]`, written by tensorboardX
+                 (`tensorboard --logdir <workdir>/tensorboard`). Events reach the disk within about a second
+                 (tensorboardX writes them from a background thread); `close()` writes them all.
+  "wandb"        a Weights & Biases run (`pip install wandb`) in project "grpo_jax", named `run_name`
+                 (default: the workdir's name), with `config` as its config. The run id is kept in
+                 `<workdir>/wandb_run_id`, so running the same command again continues the same run. The
+                 environment is respected: WANDB_MODE=offline logs without network under `<workdir>/wandb`,
+                 and WANDB_PROJECT, WANDB_DIR, WANDB_RUN_ID and WANDB_NAME win over the values above.
+
+NaN and inf metrics are JSON null in the JSONL and NaN for the loggers; values beyond the float32 range are
+inf in TensorBoard (the JSONL keeps them).
 
 Resuming is running the same command again: the first `write(step)` of a process drops every JSONL line with
-a step >= `step` (and a line cut short when the last run was killed), and writes a `SessionLog.START` event at
-`step`, which makes TensorBoard drop the stale scalars of the killed run the same way.
+a step >= `step` (and a line cut short when the last run was killed), and starts a new TensorBoard event file
+with `purge_step=step` (a `SessionLog.START` event at `step`), which makes TensorBoard drop the scalars of
+steps >= `step` of the killed run the same way. W&B only accepts increasing steps: a resumed W&B run keeps
+the killed run's values of the steps after the checkpoint and ignores the rewritten ones (with a warning).
 
 Only call the writer from one process (e.g. `jax.process_index() == 0`): each writer owns its files.
 """
@@ -16,21 +29,28 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
+import secrets
 import socket
 import statistics
-import struct
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EVENT_FILE_PREFIX = "events.out.tfevents."
+WANDB_PROJECT = "grpo_jax"
+WANDB_ID_NAME = "wandb_run_id"  # <workdir>/wandb_run_id: the W&B run id a resumed run continues.
+LOGGERS = ("tensorboard", "wandb")  # The valid names of MetricsWriter(loggers=...), i.e. config.loggers.
 
 # (metric key, label) shown in the progress line when the key is present; nothing else is shown.
 PROGRESS_KEYS = (
@@ -43,186 +63,8 @@ PROGRESS_KEYS = (
 )
 # The ETA uses the median of this many recent step durations: robust to one slow step (a checkpoint save).
 _DURATION_WINDOW = 20
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CRC32C and TFRecord framing.
-
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # Castagnoli polynomial, bit-reversed.
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli, RFC 3720) of `data`, as TFRecord uses it: crc32c(b"123456789") == 0xE3069283."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC: rotated right by 15 bits plus a constant (so a CRC of CRCs is not trivial)."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord(data: bytes) -> bytes:
-    """One TFRecord: uint64 length, masked crc of the length, data, masked crc of the data (little-endian)."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc32c(length)) + data + struct.pack("<I", _masked_crc32c(data))
-
-
-def _read_tfrecords(path: Path) -> Iterator[bytes]:
-    """Yields the records of a TFRecord file; stops at a record cut short (a writer killed mid-write)."""
-    content = path.read_bytes()
-    offset = 0
-    while offset + 12 <= len(content):
-        length_bytes = content[offset:offset + 8]
-        (length_crc,) = struct.unpack("<I", content[offset + 8:offset + 12])
-        if _masked_crc32c(length_bytes) != length_crc:
-            raise ValueError(f"{path}: bad length checksum of the record at byte {offset}; file is corrupt.")
-        (length,) = struct.unpack("<Q", length_bytes)
-        end = offset + 12 + length + 4
-        if end > len(content):
-            return
-        data = content[offset + 12:offset + 12 + length]
-        (data_crc,) = struct.unpack("<I", content[end - 4:end])
-        if _masked_crc32c(data) != data_crc:
-            raise ValueError(f"{path}: bad data checksum of the record at byte {offset}; file is corrupt.")
-        yield data
-        offset = end
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The subset of the tensorflow.Event protobuf that scalars need:
-#   Event { double wall_time = 1; int64 step = 2;
-#           oneof what { string file_version = 3; Summary summary = 5; SessionLog session_log = 7; } }
-#   Summary { repeated Value value = 1; }   Value { string tag = 1; float simple_value = 2; }
-#   SessionLog { SessionStatus status = 1; }   (START = 1)
-
-_VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
-_SESSION_START = 1
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # Negative int64 values are encoded as their 64-bit two's complement.
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    key = _varint(number << 3 | wire_type)
-    if wire_type == _BYTES:
-        return key + _varint(len(payload)) + payload
-    return key + payload
-
-
-def _encode_event(wall_time: float, step: int, *, file_version: str | None = None,
-                  scalars: Mapping[str, float] | None = None, session_start: bool = False) -> bytes:
-    """One serialized Event; pass one of file_version, scalars and session_start (they are a oneof)."""
-    event = _field(1, _FIXED64, struct.pack("<d", wall_time)) + _field(2, _VARINT, _varint(step))
-    if file_version is not None:
-        event += _field(3, _BYTES, file_version.encode())
-    if scalars:
-        with np.errstate(over="ignore"):  # Beyond the float32 range is inf, as in TensorFlow.
-            as_float32 = {tag: np.asarray(value, dtype="<f4").tobytes() for tag, value in scalars.items()}
-        values = [_field(1, _BYTES, tag.encode()) + _field(2, _FIXED32, value)
-                  for tag, value in as_float32.items()]
-        event += _field(5, _BYTES, b"".join(_field(1, _BYTES, value) for value in values))
-    if session_start:
-        event += _field(7, _BYTES, _field(1, _VARINT, _varint(_SESSION_START)))
-    return event
-
-
-def _parse_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """Yields (field number, value) of a protobuf message: ints for varint/fixed fields, bytes otherwise."""
-    offset = 0
-    while offset < len(data):
-        key, offset = _parse_varint(data, offset)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == _VARINT:
-            value, offset = _parse_varint(data, offset)
-        elif wire_type == _FIXED64:
-            value, offset = data[offset:offset + 8], offset + 8
-        elif wire_type == _FIXED32:
-            value, offset = data[offset:offset + 4], offset + 4
-        elif wire_type == _BYTES:
-            length, offset = _parse_varint(data, offset)
-            value, offset = data[offset:offset + length], offset + length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type} (field {number}).")
-        yield number, value
-
-
-def _parse_varint(data: bytes, offset: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = data[offset]
-        value |= (byte & 0x7F) << shift
-        offset += 1
-        if not byte & 0x80:
-            return value, offset
-        shift += 7
-
-
-def _decode_event(data: bytes) -> tuple[int, list[tuple[str, float]], bool]:
-    """(step, [(tag, simple_value)], is SessionLog.START) of one Event; other fields are skipped."""
-    step, scalars, session_start = 0, [], False
-    for number, value in _parse_fields(data):
-        if number == 2:
-            step = value - (1 << 64) if value >= 1 << 63 else value
-        elif number == 5:
-            for value_number, summary_value in _parse_fields(value):
-                if value_number != 1:
-                    continue
-                fields = dict(_parse_fields(summary_value))
-                if 2 in fields:  # Values of other kinds (images, tensors, ...) have no simple_value.
-                    scalars.append((fields[1].decode(), struct.unpack("<f", fields[2])[0]))
-        elif number == 7:
-            session_start = dict(_parse_fields(value)).get(1) == _SESSION_START
-    return step, scalars, session_start
-
-
-def read_tensorboard_scalars(path_or_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of one event file, or of all event files of a folder, as {tag: [(step, value), ...]}.
-
-    Files of a folder are read in name order (their names start with the creation time). As in TensorBoard,
-    a `SessionLog.START` event at step s (a resumed run) drops the scalars of steps >= s read before it.
-    Checksums are verified; a record cut short at the end of a file (a killed writer) is ignored.
-    """
-    path = Path(path_or_dir)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.startswith(EVENT_FILE_PREFIX))
-        if not files:
-            raise FileNotFoundError(f"no {EVENT_FILE_PREFIX}* files in {path}; pass the "
-                                    f"'{TENSORBOARD_DIR}' folder of a workdir, or one event file.")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"path_or_dir={str(path)!r} does not exist.")
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for file in files:
-        for record in _read_tfrecords(file):
-            step, values, session_start = _decode_event(record)
-            if session_start:
-                scalars = {tag: [(s, v) for s, v in points if s < step] for tag, points in scalars.items()}
-            for tag, value in values:
-                scalars.setdefault(tag, []).append((step, value))
-    return {tag: points for tag, points in scalars.items() if points}
+# tensorboardX writes events from a thread and flushes them to the file at most this often.
+_TENSORBOARD_FLUSH_SECS = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,49 +164,155 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Loggers: where the scalars of each step go besides the JSONL.
+
+
+class _NanWarningFilter(logging.Filter):
+    """Drops tensorboardX's warning about NaN/inf values: here they are logged on purpose (JSON null)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("NaN or Inf found in input tensor")
+
+
+class _TensorBoardLogger:
+    """Scalars as TensorBoard events written by `tensorboardX.SummaryWriter`.
+
+    The event file is created by the first `log`, with `purge_step` = its step: TensorBoard then drops the
+    scalars of steps >= that step read from earlier files (a killed run that is resumed). TensorBoard reads
+    the files of a folder in name order, so a file started in the same second as another one gets the
+    suffix `.<n>` (n = how many such files exist) and sorts after it.
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.event_path: Path | None = None
+        self._writer = None
+
+    def _open(self, first_step: int) -> None:
+        from tensorboardX import SummaryWriter
+
+        x2num_logger = logging.getLogger("tensorboardX.x2num")
+        if not any(isinstance(f, _NanWarningFilter) for f in x2num_logger.filters):
+            x2num_logger.addFilter(_NanWarningFilter())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        before = set(self.directory.iterdir())
+        # tensorboardX names the file events.out.tfevents.<int(time.time())>.<host><filename_suffix>.
+        base = f"{EVENT_FILE_PREFIX}{int(time.time())}.{socket.gethostname()}"
+        same_second = sum(path.name.startswith(base) for path in before)
+        self._writer = SummaryWriter(str(self.directory), purge_step=first_step,
+                                     flush_secs=_TENSORBOARD_FLUSH_SECS,
+                                     filename_suffix=f".{same_second}" if same_second else "")
+        created = sorted(path for path in set(self.directory.iterdir()) - before
+                         if path.name.startswith(EVENT_FILE_PREFIX))
+        self.event_path = created[-1] if created else None
+
+    def log(self, step: int, scalars: Mapping[str, float], wall_time: float) -> None:
+        if self._writer is None:
+            self._open(step)
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step, walltime=wall_time)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _wandb_run_id(workdir: Path) -> str:
+    """The W&B run id of `workdir`: read from `<workdir>/wandb_run_id`, or a new random one saved there.
+
+    Random rather than derived from the path, so that a new run in a reused path (or the same path on
+    another machine) does not continue an unrelated W&B run.
+    """
+    path = workdir / WANDB_ID_NAME
+    if path.exists():
+        run_id = path.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id
+    run_id = secrets.token_hex(6)
+    path.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
+class _WandbLogger:
+    """Scalars of each step logged to a Weights & Biases run; `close()` finishes the run."""
+
+    def __init__(self, workdir: Path, run_name: str, config: Any):
+        try:
+            import wandb
+        except ImportError as error:
+            raise ImportError("config.loggers includes 'wandb' but wandb is not installed: pip install wandb "
+                              "(or drop 'wandb' from config.loggers).") from error
+        if config is not None and hasattr(config, "to_dict"):  # An ml_collections.ConfigDict.
+            config = config.to_dict()
+        # Values the environment sets win; they are read here and passed explicitly, as wandb reads its
+        # environment once per process.
+        environ = os.environ
+        self.run = wandb.init(project=environ.get("WANDB_PROJECT") or WANDB_PROJECT,
+                              name=environ.get("WANDB_NAME") or run_name,
+                              dir=environ.get("WANDB_DIR") or str(workdir),
+                              id=environ.get("WANDB_RUN_ID") or _wandb_run_id(workdir),
+                              config=config, resume="allow")
+
+    def log(self, step: int, scalars: Mapping[str, float], wall_time: float) -> None:
+        del wall_time  # W&B records its own.
+        self.run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _check_loggers(loggers: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(loggers, str):
+        raise ValueError(f"config.loggers={loggers!r} must be a tuple of names, e.g. ('{loggers}',) or "
+                         f"('tensorboard', 'wandb'); valid names: {list(LOGGERS)}.")
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ValueError(f"config.loggers={tuple(loggers)!r} has unknown names {unknown}; valid names: "
+                         f"{list(LOGGERS)} (the JSONL is always written; () writes it alone).")
+    return tuple(dict.fromkeys(loggers))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The writer.
 
 
-def _create_event_file(directory: Path, wall_time: float) -> tuple[Path, BinaryIO]:
-    """A new `events.out.tfevents.<time>.<host>` file in `directory`, opened for writing."""
-    directory.mkdir(parents=True, exist_ok=True)
-    base = f"{EVENT_FILE_PREFIX}{int(wall_time)}.{socket.gethostname()}"
-    path, suffix = directory / base, 0
-    while True:  # Two writers started in the same second each get their own file.
-        try:
-            return path, path.open("xb")
-        except FileExistsError:
-            suffix += 1
-            path = directory / f"{base}.{suffix}"
-
-
 class MetricsWriter:
-    """Writes metrics of a training run: `<workdir>/metrics.jsonl`, TensorBoard scalars, a progress line.
+    """Writes metrics of a training run: `<workdir>/metrics.jsonl`, the `loggers`, a progress line.
 
     Usage:
-        with MetricsWriter(workdir, total_steps=200, log_every=10) as writer:
+        with MetricsWriter(workdir, total_steps=200, log_every=10, loggers=("tensorboard", "wandb"),
+                           run_name="gsm8k-grpo", config=config) as writer:
             for step in range(start_step, 201):
                 writer.write(step, {"reward_mean": 0.5, "kl": 0.002})
 
-    Every `write` is flushed, so a killed process loses at most the line being written; the next process
-    drops that line and every line with a step >= its first step (see the module docstring).
+    Every `write` flushes the JSONL, so a killed process loses at most the line being written; the next
+    process drops that line and every line with a step >= its first step (see the module docstring).
 
     Args:
       workdir: folder of the run; created if missing.
       total_steps: the step the run ends at, for the percentage and the ETA.
       log_every: print the progress line when `step % log_every == 0` and at `total_steps`.
       print_fn: where the progress line goes (e.g. `logging.info`).
-      clock: seconds since the epoch; for the "time" field, the event wall times and step durations.
+      clock: seconds since the epoch; for the "time" field, the TensorBoard wall times and step durations.
+      loggers: names from `LOGGERS` ("tensorboard", "wandb") of where the scalars go besides the JSONL.
+        Unknown names raise ValueError; "wandb" starts the W&B run here (ImportError without wandb).
+      run_name: the W&B run's name; default: the workdir's name.
+      config: the W&B run's config (a mapping or an ml_collections.ConfigDict), e.g. the experiment config.
     """
 
     def __init__(self, workdir: str | Path, *, total_steps: int, log_every: int = 1,
-                 print_fn: Callable[[str], object] = print, clock: Callable[[], float] = time.time):
+                 print_fn: Callable[[str], object] = print, clock: Callable[[], float] = time.time,
+                 loggers: Sequence[str] = ("tensorboard",), run_name: str | None = None,
+                 config: Mapping[str, Any] | None = None):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be a positive int: the step the run ends at.")
         if log_every < 1:
             raise ValueError(f"log_every={log_every} must be a positive int (1 prints every step).")
+        self.loggers = _check_loggers(loggers)
         self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.workdir / JSONL_NAME
+        self.run_name = run_name or self.workdir.resolve().name
         self.total_steps = total_steps
         self.log_every = log_every
         self._print = print_fn
@@ -373,13 +321,19 @@ class MetricsWriter:
         self._last_step: int | None = None
         self._progress = Progress(total_steps, clock=clock)
         self._closed = False
-        now = self._clock()
-        self.event_path, self._events = _create_event_file(self.workdir / TENSORBOARD_DIR, now)
-        self._write_event(_encode_event(now, 0, file_version="brain.Event:2"))
+        self._tensorboard = (_TensorBoardLogger(self.workdir / TENSORBOARD_DIR)
+                             if "tensorboard" in self.loggers else None)
+        self._wandb = _WandbLogger(self.workdir, self.run_name, config) if "wandb" in self.loggers else None
 
-    def _write_event(self, event: bytes) -> None:
-        self._events.write(_tfrecord(event))
-        self._events.flush()
+    @property
+    def event_path(self) -> Path | None:
+        """This writer's TensorBoard event file; None before the first write or without "tensorboard"."""
+        return None if self._tensorboard is None else self._tensorboard.event_path
+
+    @property
+    def wandb_run(self) -> Any:
+        """The `wandb.Run` of the "wandb" logger (None without it), e.g. for `wandb_run.url`."""
+        return None if self._wandb is None else self._wandb.run
 
     def _open_jsonl(self, first_step: int) -> None:
         """Keeps the existing lines of steps < first_step (a resumed run) and opens the file for appending."""
@@ -415,11 +369,12 @@ class MetricsWriter:
         now = self._clock()
         if self._jsonl is None:
             self._open_jsonl(step)
-            self._write_event(_encode_event(now, step, session_start=True))
         self._jsonl.write(json.dumps({"step": step, "time": now, **values}, allow_nan=False) + "\n")
         self._jsonl.flush()
         scalars = {name: math.nan if value is None else value for name, value in values.items()}
-        self._write_event(_encode_event(now, step, scalars=scalars))
+        for logger in (self._tensorboard, self._wandb):
+            if logger is not None:
+                logger.log(step, scalars, now)
 
         self._progress.tick(step, now)
         self._last_step = step
@@ -438,13 +393,18 @@ class MetricsWriter:
                     f"(reward {first['reward']:.3g})")
 
     def close(self) -> None:
-        """Closes the files; further writes raise. Safe to call twice."""
+        """Closes the JSONL and the loggers (finishes the W&B run); later writes raise. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        self._events.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        try:
+            if self._jsonl is not None:
+                self._jsonl.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        finally:
+            if self._wandb is not None:
+                self._wandb.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -457,9 +417,33 @@ class MetricsWriter:
 # Plots.
 
 
-def plot_metrics(records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path) -> None:
-    """Saves a PNG with one subplot per key, x = step; records without a key (or with null) are gaps.
+def smooth(values: Sequence[float], smoothing: float) -> list[float]:
+    """Exponential moving average as TensorBoard smooths curves: `average = smoothing * average +
+    (1 - smoothing) * value`, divided by `1 - smoothing**n` (n finite values so far) so the start is not
+    pulled towards 0. Non-finite values are skipped (NaN in the output); smoothing=0 returns the values."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing={smoothing} must be in [0, 1): the weight of the previous average "
+                         "(0: no smoothing; TensorBoard's default is 0.6).")
+    smoothed, average, weight = [], 0.0, 0.0
+    for value in values:
+        if value is None or not math.isfinite(value):
+            smoothed.append(math.nan)
+            continue
+        average = smoothing * average + (1 - smoothing) * value
+        weight = smoothing * weight + (1 - smoothing)
+        smoothed.append(average / weight)
+    return smoothed
 
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path, *,
+                 title: str | None = None, smoothing: float | None = None) -> Figure:
+    """Saves a PNG with one panel per key (x: GRPO step, y: the metric) and returns its Figure.
+
+    Each panel draws the raw values faintly and their exponential moving average (`smooth`) over them;
+    records without a key (or with null) are gaps in the raw curve and skipped by the average. The panel's
+    title is the key with its last raw and smoothed values; `title` (e.g. the run's name) is the figure's.
+    `smoothing` None averages over about a 20th of the records (at least 2): 0.5 for up to 40 records,
+    0.9 for 200; 0 draws the raw curves alone.
     Uses matplotlib's Agg canvas directly, so it never changes the pyplot backend of a notebook.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -467,22 +451,43 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], keys: Sequence[str], path
 
     if not keys:
         raise ValueError("keys=[] is empty; pass the metric names to plot, e.g. ['reward_mean', 'kl'].")
+    if smoothing is None:  # An EMA with smoothing s averages over about 1 / (1 - s) values.
+        smoothing = round(1 - 1 / max(2.0, len(records) / 20), 2)
+    smooth([], smoothing)  # Checks `smoothing` before any work.
     present = {key for record in records for key in record}
     missing = [key for key in keys if key not in present]
     if missing:
         available = sorted(present - {"step", "time"})
         raise ValueError(f"keys {missing} are in no record; available keys: {available}")
-    figure = Figure(figsize=(7, 2.2 * len(keys)), layout="constrained")
+    figure = Figure(figsize=(7, 0.6 + 2.4 * len(keys)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys, strict=True):
         points = [(record["step"], record[key]) for record in records if key in record]
         steps = [step for step, _ in points]
-        values = [math.nan if value is None else value for _, value in points]
-        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        values = [math.nan if value is None else float(value) for _, value in points]
+        ax.plot(steps, values, color="C0", alpha=0.3 if smoothing else 1.0, linewidth=1,
+                marker="." if len(points) < 50 else None, label="raw")
+        finite = [(step, value) for step, value in zip(steps, smooth(values, smoothing), strict=True)
+                  if math.isfinite(value)]
+        panel_title = key
+        if finite:
+            last_raw = next(value for value in reversed(values) if math.isfinite(value))
+            panel_title += f"  (last {_format_number(last_raw)}"
+            if smoothing:  # The average bridges the gaps of the raw curve.
+                ax.plot([s for s, _ in finite], [v for _, v in finite], color="C0", linewidth=2,
+                        label=f"smoothed (EMA {smoothing:g})")
+                panel_title += f", smoothed {_format_number(finite[-1][1])}"
+            panel_title += ")"
+        ax.set_title(panel_title, fontsize=10, loc="left")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
+    if smoothing:
+        axes[0].legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("GRPO step")
+    if title:
+        figure.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
+    return figure

@@ -40,6 +40,10 @@ from grpo_jax.models.transformer import Transformer
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.update import LossFn, TrainState, init_optimizer, make_optimizer, tree_bytes
 
+# Neither changes what a resumed run computes from its checkpoint: the total (the schedule follows the new
+# one) and whether layers recompute their activations.
+_MAY_CHANGE_ON_RESUME = ("config.num_steps", "model.remat")
+
 
 class Trainer:
     """Runs GRPO iterations on a model. The dataset is indexable (`len`, `[i]` -> example with a
@@ -51,12 +55,22 @@ class Trainer:
     `mesh` lays out training (default: every device on "data"); `rollout_mesh`, when given, is where sampling
     runs, with the policy copied onto it once per iteration (e.g. data-parallel with whole params while
     training shards them FSDP-style).
+
+    A checkpoint records what the run is: `cfg`, the model's config, the dataset's `fingerprint()` (when it
+    has one) and `fingerprint`, `{config path: JSON-able value}` for whatever else defines the run (task,
+    reward, tokenizer, ...). Resuming with any of them changed is refused, naming the path; only
+    `cfg.num_steps` may change, so a finished run can be extended (the learning-rate schedule then follows
+    the new total from the step reached).
     """
 
     def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: rollout_lib.RewardFn, *,
                  optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
-                 mesh: Mesh | None = None, rollout_mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, rollout_mesh: Mesh | None = None,
+                 fingerprint: dict[str, object] | None = None):
         self.cfg, self.dataset, self.reward_fn = cfg, dataset, reward_fn
+        self.fingerprint = {**flatten(json.loads(json.dumps(dataclasses.asdict(model.config))), "model"),
+                            **({"data": dataset.fingerprint()} if hasattr(dataset, "fingerprint") else {}),
+                            **json.loads(json.dumps(fingerprint or {}))}
         self.mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
         self.rollout_mesh = rollout_mesh if rollout_mesh is not None else self.mesh
         for m in {self.mesh, self.rollout_mesh}:
@@ -189,23 +203,25 @@ class Trainer:
         return state
 
     def save(self, checkpointer: Checkpointer) -> None:
-        """Save the checkpoint state with the step, data position and config."""
-        metadata = {"step": self.step, "data_position": self.data_position,
-                    "config": json.loads(json.dumps(dataclasses.asdict(self.cfg))),
-                    "model_config": repr(self.model_config)}
+        """Save the checkpoint state with the step, data position, config and fingerprint."""
+        metadata = {"step": self.step, "data_position": self.data_position, "config": _record(self.cfg),
+                    "fingerprint": self.fingerprint}
         checkpointer.save(self.step, self.checkpoint_state(), metadata, force=True)
 
     def restore(self, checkpointer: Checkpointer) -> bool:
-        """Resume from the latest checkpoint, if any; False when there is none."""
-        if checkpointer.latest_step() is None:
+        """Resume from the latest readable checkpoint, if any; False when there is none. A checkpoint of
+        another run (config, model, data or fingerprint changed) raises ValueError naming every change."""
+        latest = checkpointer.latest_step()
+        if latest is None:
             return False
+        try:  # compare the run first: a changed config would otherwise surface as mismatching arrays
+            saved = checkpointer.metadata(latest)
+        except Exception:  # noqa: BLE001 - unreadable: restore() falls back past it, then the check runs
+            saved = None
+        if saved is not None:
+            check_same_run(saved, self.cfg, self.fingerprint, checkpointer.directory)
         state, metadata, _ = checkpointer.restore(self.checkpoint_state())
-        saved = flatten(metadata["config"])
-        current = flatten(json.loads(json.dumps(dataclasses.asdict(self.cfg))))
-        changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-        if changed:
-            raise ValueError(f"{checkpointer.directory}: the checkpoint was written with another config "
-                             f"({'; '.join(changed)}); use a new workdir or the original config.")
+        check_same_run(metadata, self.cfg, self.fingerprint, checkpointer.directory)
         self.state = TrainState(state["params"], state["opt_state"], state.get("critic"),
                                 state.get("critic_opt_state"))
         # Back to an uncommitted host-made key, like a fresh run's, so it can meet arrays on any mesh.
@@ -215,14 +231,48 @@ class Trainer:
         return True
 
 
+class _Absent:
+    """A path one side does not have."""
+
+    def __eq__(self, other):
+        return isinstance(other, _Absent)
+
+    def __repr__(self):
+        return "(absent)"
+
+
+def _record(cfg: GRPOConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def check_same_run(metadata: dict, cfg: GRPOConfig, fingerprint: dict, directory: str | pathlib.Path, *,
+                   partial: bool = False) -> None:
+    """Raise ValueError naming every config path whose value differs from the checkpoint's `metadata`
+    (config.num_steps and model.remat may change). With `partial`, only the paths of `fingerprint` and cfg
+    are compared (a check before the model and data are loaded)."""
+    saved = {**flatten(metadata["config"]), **metadata.get("fingerprint", {})}
+    current = {**flatten(_record(cfg)), **json.loads(json.dumps(fingerprint))}
+    absent = _Absent()
+    paths = sorted(current if partial else set(saved) | set(current))
+    changed = [f"{k}: {saved.get(k, absent)!r} -> {current.get(k, absent)!r}" for k in paths
+               if k not in _MAY_CHANGE_ON_RESUME and saved.get(k, absent) != current.get(k, absent)]
+    if changed:
+        raise ValueError(f"{directory} holds a checkpoint of another run: {'; '.join(changed)}. Use a new "
+                         "--workdir for the new run, or the original settings to resume this one (only "
+                         "config.num_steps may change on resume).")
+
+
 def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, checkpoint_every: int = 10,
           log_every: int = 1, sample_every: int = 0, decode: Callable[[Sequence[int]], str] | None = None,
-          print_fn: Callable[[str], object] = print) -> list[dict[str, float]]:
+          print_fn: Callable[[str], object] = print, loggers: Sequence[str] = ("tensorboard",),
+          run_name: str | None = None, run_config: dict | None = None) -> list[dict[str, float]]:
     """Run `trainer` to `num_steps`, resuming from `workdir`'s latest checkpoint: running the same command
     again after a crash continues where the last checkpoint left off. Writes `workdir/checkpoints/`,
-    `workdir/metrics.jsonl` and TensorBoard events (from process 0); with `sample_every`, also a few
+    `workdir/metrics.jsonl` and, per `loggers` ("tensorboard", "wandb"), TensorBoard events and a Weights &
+    Biases run named `run_name` with `run_config` (from process 0); with `sample_every`, also a few
     completions every that many steps (and at the first) to `workdir/samples.jsonl` and the console,
-    decoded by `decode` (default: the dataset's tokenizer). Returns this call's step metrics."""
+    decoded by `decode` (default: the dataset's tokenizer). A fresh run saves its starting point as step 0.
+    Returns this call's step metrics."""
     workdir = pathlib.Path(workdir)
     if sample_every and decode is None:
         tokenizer = getattr(trainer.dataset, "tokenizer", None)
@@ -232,8 +282,13 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     if trainer.restore(checkpointer):
         print_fn(f"resumed from {workdir / 'checkpoints'} at step {trainer.step}")
-    writer = MetricsWriter(workdir, total_steps=num_steps, log_every=log_every,
-                           print_fn=print_fn) if jax.process_index() == 0 else None
+    elif trainer.step == 0:
+        # The starting point is step 0: a crash before the first periodic save resumes from it, and the
+        # run's identity is on disk from the start.
+        trainer.save(checkpointer)
+    writer = MetricsWriter(workdir, total_steps=num_steps, log_every=log_every, print_fn=print_fn,
+                           loggers=tuple(loggers), run_name=run_name,
+                           config=run_config) if jax.process_index() == 0 else None
     history = []
     try:
         while trainer.step < num_steps:

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_steps = 400
     config.checkpoint_every = 25
     config.log_every = 1
+    config.loggers = ("tensorboard",)  # and/or "wandb" (Weights & Biases; WANDB_MODE=offline works offline)
     config.sample_every = 50  # print and keep (samples.jsonl) a few completions every this many steps
     config.eval_examples = 500  # distinct held-out problems for the greedy accuracy before and after GRPO
     config.eval_batch_prompts = 250  # prompts per greedy decoding call of that evaluation

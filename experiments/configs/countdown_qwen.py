@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_steps = 300
     config.checkpoint_every = 50
     config.log_every = 1
+    config.loggers = ("tensorboard",)  # and/or "wandb" (Weights & Biases; WANDB_MODE=offline works offline)
     config.sample_every = 25
     config.eval_examples = 500
     config.eval_batch_prompts = 16  # prompts per greedy decoding call of that evaluation

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +77,16 @@ class TokenizedDataset(Sequence):
                     f"(prompt begins {text[:80]!r}).")
             self._prompt_texts.append(text)
             self._prompt_tokens.append(np.asarray(ids, np.int32))
+
+    def fingerprint(self) -> str:
+        """A SHA-256 digest of every example (its fields and prompt tokens), in order: the same data gives
+        the same digest on any machine; a resumed run compares it with its checkpoint's."""
+        digest = hashlib.sha256()
+        for i in range(len(self)):
+            example = {k: v for k, v in self[i].items() if k != "prompt_tokens"}
+            digest.update(json.dumps(example, sort_keys=True, default=str).encode())
+            digest.update(self._prompt_tokens[i].tobytes())
+        return digest.hexdigest()
 
     @property
     def max_prompt_length(self) -> int:
