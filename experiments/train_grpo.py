@@ -52,6 +52,10 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Start jax.distributed (m
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/grpo_jax/jax", "JAX's persistent compilation cache: a rerun, a resume or "
+    "another run of the same shapes loads what an earlier one compiled instead of compiling it again; "
+    "\"\" turns it off.")
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after", None, "Stop after this many GRPO steps: the same steps as the full run's (the schedules "
     "still span config.num_steps); the same command without it resumes and finishes the run.")
@@ -346,7 +350,17 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep the console to the progress line (Orbax logs at INFO)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _CACHE.value:
+        use_compilation_cache(pathlib.Path(_CACHE.value).expanduser())
     run(_CONFIG.value, pathlib.Path(_WORKDIR.value), stop_after=_STOP_AFTER.value)
+
+
+def use_compilation_cache(directory: pathlib.Path) -> None:
+    """Every compiled program (warm start, evaluation, sampler, train step) is kept in `directory` and
+    loaded from there by later processes, however short their compilation was."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None:

@@ -292,7 +292,14 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
     history = []
     try:
         while trainer.step < num_steps:
+            if not history:
+                print_fn(f"step {trainer.step + 1}: compiling the sampler and the train step (once per "
+                         "process; cached on disk when JAX's compilation cache is on) ...")
+                start = time.perf_counter()
             history.append(trainer.iteration())
+            if len(history) == 1:
+                print_fn(f"step {trainer.step}: first step took {time.perf_counter() - start:.1f} s, "
+                         "compilation included")
             if writer is not None:
                 writer.write(trainer.step, history[-1])
                 if sample_every and (trainer.step % sample_every == 0 or trainer.step == 1):

@@ -109,8 +109,9 @@ SMALL = ("--config.warm_start.steps=20", "--config.warm_start.threshold=0",
          "--config.task_args.size=400", "--config.sample_every=0", "--config.updates.grad_accum_steps=1")
 
 
-def main_command(workdir):
-    return [sys.executable, str(TRAIN), f"--config={CONFIG}", f"--workdir={workdir}", *SMALL]
+def main_command(workdir, cache):
+    return [sys.executable, str(TRAIN), f"--config={CONFIG}", f"--workdir={workdir}", *SMALL,
+            f"--compilation_cache={cache}"]
 
 
 def main_environment():
@@ -148,13 +149,16 @@ def _flat(tree, prefix=""):
 def test_the_main_command_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_path):
     """kill -9 during the first save after the warm start, during a later save, and at a random step of
     training (seeded draws); each time the same command, run again, ends with the uninterrupted run's
-    params, optimizer state, metrics and held-out accuracies, the warm start included."""
-    straight = tmp_path / "straight"
-    done = subprocess.run(main_command(straight), env=main_environment(), capture_output=True, text=True,
-                          timeout=600)
+    params, optimizer state, metrics and held-out accuracies, the warm start included. The reruns share
+    the straight run's compilation cache and compile nothing it did not."""
+    straight, cache = tmp_path / "straight", tmp_path / "compilation_cache"
+    done = subprocess.run(main_command(straight, cache), env=main_environment(), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = final_state(straight)
     assert len(expected["metrics"]) == 6 and expected["arrays"]
+    compiled = sorted(p.name for p in cache.iterdir())
+    assert len(compiled) > 5
     rng = np.random.default_rng(0)
     trials = [("first save after the warm start", lambda ck, lines: saving(ck, 0), True),
               ("a later save", lambda ck, lines: saving(ck, 4), True)]
@@ -162,8 +166,8 @@ def test_the_main_command_killed_at_random_points_resumes_to_the_uninterrupted_r
     trials.append((f"training, after step {step}", lambda ck, lines: lines >= step, False))
     for name, when, mid_save in trials:
         workdir = tmp_path / name.replace(" ", "_").replace(",", "")
-        process = subprocess.Popen(main_command(workdir), env=main_environment(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(main_command(workdir, cache), env=main_environment(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline, metrics = time.time() + 600, workdir / "metrics.jsonl"
         while process.poll() is None and time.time() < deadline:
             lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
@@ -175,12 +179,14 @@ def test_the_main_command_killed_at_random_points_resumes_to_the_uninterrupted_r
         assert not (workdir / "accuracy.json").exists(), name  # it died before the end
         if mid_save:  # the save it interrupted is still a temporary directory
             assert any(".orbax-checkpoint-tmp" in p.name for p in (workdir / "checkpoints").iterdir()), name
-        done = subprocess.run(main_command(workdir), env=main_environment(), capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(main_command(workdir, cache), env=main_environment(), capture_output=True,
+                              text=True, timeout=600)
         assert done.returncode == 0, (name, done.stderr[-3000:])
+        assert "first step took" in done.stdout
         resumed = final_state(workdir)
         assert resumed["metrics"] == expected["metrics"], name
         assert resumed["outputs"] == expected["outputs"], name
         assert sorted(resumed["arrays"]) == sorted(expected["arrays"]), name
         for path, value in expected["arrays"].items():
             np.testing.assert_array_equal(resumed["arrays"][path], value, err_msg=f"{name}: {path}")
+    assert sorted(p.name for p in cache.iterdir()) == compiled  # every program came from the cache
