@@ -185,6 +185,13 @@ class Checkpointer:
             raise ValueError(f"step {step} in {self.directory}: metadata is not a dict")
         return restored[_METADATA]
 
+    def stored_paths(self, step: int | None = None) -> list[str]:
+        """The paths of the arrays saved at `step` (default: the latest), e.g. "params/embed/value",
+        read from the checkpoint's metadata without loading any array."""
+        step = self.latest_step() if step is None else step
+        tree = self._manager.metadata(step).item_metadata[_STATE].tree
+        return ["/".join(_path_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
     def save(self, step: int, state: PyTree, metadata: dict, *, force: bool = False) -> bool:
         """Save the array pytree `state` and the JSON-able `metadata` as one checkpoint at `step`.
 

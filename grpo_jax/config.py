@@ -23,6 +23,7 @@ import ml_collections
 from grpo_jax import critic as critic_lib
 from grpo_jax import rollout as rollout_lib
 from grpo_jax._validation import check_fields, check_option
+from grpo_jax.lora import LoRAConfig
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.update import (
     AdvantageConfig,
@@ -36,7 +37,7 @@ from grpo_jax.update import (
 ALGOS = ("grpo", "ppo")
 SECTIONS = {"sampling": SamplingConfig, "rollout": rollout_lib.RolloutConfig, "advantages": AdvantageConfig,
             "loss": LossConfig, "optimizer": OptimizerConfig, "updates": UpdateConfig,
-            "ppo": critic_lib.PPOConfig}
+            "ppo": critic_lib.PPOConfig, "lora": LoRAConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,7 @@ class GRPOConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     updates: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     ppo: critic_lib.PPOConfig = dataclasses.field(default_factory=critic_lib.PPOConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     algo: str = "grpo"  # or "ppo": a learned critic and GAE instead of group statistics
     num_steps: int = 1000  # iterations; the learning-rate schedule spans them
     seed: int = 0
@@ -72,6 +74,13 @@ class GRPOConfig:
         check_fields("config.ppo", [
             ("kl_in_reward", self.ppo.kl_in_reward, not self.ppo.kl_in_reward or self.algo == "ppo",
              "needs config.algo='ppo'")])
+        check_fields("config.lora", [
+            ("rank", self.lora.rank, not self.lora.enabled or self.algo == "grpo",
+             "needs config.algo='grpo' (PPO's critic is a full copy of the policy; use rank=0)"),
+            ("rank", self.lora.rank, not self.lora.enabled or not self.updates.ref_update_every,
+             "with config.updates.ref_update_every: under LoRA the reference is the frozen base, which "
+             "is never reset; use ref_update_every=0"),
+        ])
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
@@ -93,7 +102,8 @@ class GRPOConfig:
                            max_new_tokens=self.sampling.max_new_tokens,
                            vocab_limit=self.sampling.vocab_limit, loss=self.loss, updates=self.updates,
                            advantages=self.advantages, ppo=self.ppo if self.algo == "ppo" else None,
-                           mask_truncated=self.rollout.mask_truncated)
+                           mask_truncated=self.rollout.mask_truncated,
+                           lora=self.lora if self.lora.enabled else None)
 
     def optimizer_updates(self) -> int:
         return self.num_steps * self.updates.mu * self.updates.num_minibatches

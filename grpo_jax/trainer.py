@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from grpo_jax import critic as critic_lib
+from grpo_jax import lora as lora_lib
 from grpo_jax import rollout as rollout_lib
 from grpo_jax import sharding
 from grpo_jax import update as update_lib
@@ -82,7 +83,13 @@ class Trainer:
         # Every process built the same params from the same seed; each places the shards it holds.
         params = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), params,
                               self.param_shardings)
-        opt_state = init_optimizer(self.optimizer, params, self.param_shardings, self.mesh)
+        trained, trained_shardings, base = params, self.param_shardings, None
+        if cfg.lora.enabled:  # the params stay as they are (frozen base); only the adapters train
+            replicated = sharding.replicated(self.mesh)
+            adapters = lora_lib.init_adapters(params, cfg.lora, jax.random.split(jax.random.key(cfg.seed))[1])
+            trained = jax.tree.map(lambda x: sharding.put_global(np.asarray(x), replicated), adapters)
+            trained_shardings, base = jax.tree.map(lambda _: replicated, adapters), params
+        opt_state = init_optimizer(self.optimizer, trained, trained_shardings, self.mesh)
         self.critic_optimizer = critic = critic_opt_state = None
         if cfg.algo == "ppo":
             self.critic_optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_updates(),
@@ -90,10 +97,12 @@ class Trainer:
             critic, critic_shardings = critic_lib.init_critic(params, self.param_shardings, self.mesh,
                                                               model.config.hidden_size)
             critic_opt_state = init_optimizer(self.critic_optimizer, critic, critic_shardings, self.mesh)
-        self.state = TrainState(params, opt_state, critic, critic_opt_state)
+        self.state = TrainState(trained, opt_state, critic, critic_opt_state, base)
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        # No reference params at all when beta == 0; a copy otherwise (the train step donates the policy's).
-        self.ref_params = jax.tree.map(lambda x: x.copy(), params) if cfg.loss.beta else None
+        # No reference params when beta == 0 or under LoRA (the base is the reference); else a copy (the train
+        # step donates the policy's).
+        self.ref_params = (jax.tree.map(lambda x: x.copy(), params) if cfg.loss.beta and base is None
+                           else None)
         self.step, self.data_position, self.key = 0, 0, jax.random.key(cfg.seed)
         self.last_rollout: rollout_lib.Rollout | None = None
         # The batch is laid out where it is made, rows over the data axes; the train step takes it as it is.
@@ -101,6 +110,8 @@ class Trainer:
         minibatch_sharding = sharding.rows_sharding(
             self.mesh, cfg.rollout.num_prompts // cfg.updates.num_minibatches)
         options = cfg.step_options()
+        self._policy_params = jax.jit(functools.partial(update_lib.policy_params, options=options),
+                                      out_shardings=self.param_shardings)
         self.prepare = jax.jit(functools.partial(update_lib.prepare_batch, graphdef=self.graphdef,
                                                  options=options), out_shardings=batch_sharding)
         self.minibatch = jax.jit(functools.partial(update_lib.minibatch, options=options),
@@ -121,8 +132,9 @@ class Trainer:
         return examples
 
     def policy(self, mesh: Mesh | None = None) -> Transformer:
-        """The current policy, laid out on `mesh` (default: the training mesh)."""
-        params = self.state.params
+        """The current policy, laid out on `mesh` (default: the training mesh); under LoRA the base with the
+        adapters merged in (once per call: the sampler runs on the weights the train step uses)."""
+        params = self.state.params if self.state.base is None else self._policy_params(self.state)
         if mesh is not None and mesh is not self.mesh:
             params = jax.device_put(params, sharding.param_shardings(params, mesh))
         return nnx.merge(self.graphdef, params)
@@ -193,7 +205,8 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
-        """The arrays a checkpoint holds: params, optimizer state, PRNG key, critic, reference."""
+        """The arrays a checkpoint holds: params (under LoRA the adapters alone: the frozen base is the
+        model the Trainer was built from), optimizer state, PRNG key, critic, reference."""
         s = self.state
         state = {"params": s.params, "opt_state": s.opt_state, "rng": self.key}
         if s.critic is not None:
@@ -223,7 +236,7 @@ class Trainer:
         state, metadata, _ = checkpointer.restore(self.checkpoint_state())
         check_same_run(metadata, self.cfg, self.fingerprint, checkpointer.directory)
         self.state = TrainState(state["params"], state["opt_state"], state.get("critic"),
-                                state.get("critic_opt_state"))
+                                state.get("critic_opt_state"), self.state.base)
         # Back to an uncommitted host-made key, like a fresh run's, so it can meet arrays on any mesh.
         self.key = jax.random.wrap_key_data(sharding.to_host(jax.random.key_data(state["rng"])))
         self.ref_params = state.get("ref_params")

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import critic as critic_lib
+from grpo_jax import lora as lora_lib
 from grpo_jax import losses
 from grpo_jax._validation import check_fields, check_option, finite
 from grpo_jax.policy import batch_logprobs, completion_logprobs, split_batch
@@ -148,10 +149,18 @@ class AdvantageConfig:
 
 
 class TrainState(NamedTuple):
-    params: nnx.State
+    params: nnx.State  # the trained params: the policy's, or its LoRA adapters
     opt_state: optax.OptState
     critic: dict | None = None  # PPO's value model ({"backbone", "head"}); None for GRPO
     critic_opt_state: optax.OptState | None = None
+    base: nnx.State | None = None  # under LoRA: the frozen base params (and the reference policy)
+
+
+def policy_params(state: TrainState, options: StepOptions) -> nnx.State:
+    """The policy's params: `state.params`, or under LoRA the base with the adapters merged in."""
+    if options.lora is None:
+        return state.params
+    return lora_lib.merge(state.base, state.params, options.lora)
 
 
 def make_optimizer(cfg: OptimizerConfig, num_updates: int, learning_rate: float | None = None
@@ -195,6 +204,7 @@ class StepOptions:
     advantages: AdvantageConfig
     ppo: critic_lib.PPOConfig | None = None  # None: GRPO
     mask_truncated: bool = False
+    lora: lora_lib.LoRAConfig | None = None  # None: every param is trained
 
     @property
     def parts(self) -> int:
@@ -221,10 +231,10 @@ def prepare_batch(state: TrainState, ref_params: nnx.State | None, batch: dict[s
                               temperature=o.temperature, chunk_size=o.updates.logprob_chunk_size,
                               vocab_limit=o.vocab_limit)
 
-    if o.loss.beta:
-        batch["ref_logprobs"] = logprobs(ref_params)
+    if o.loss.beta:  # under LoRA the reference is the base, the adapters off
+        batch["ref_logprobs"] = logprobs(state.base if o.lora is not None else ref_params)
     if o.needs_old_logprobs:
-        batch["old_logprobs"] = logprobs(state.params)
+        batch["old_logprobs"] = logprobs(policy_params(state, o))
     if o.ppo is None:
         a = o.advantages
         batch["advantages"] = advantages_lib.group_advantages(rewards, o.group_size, estimator=a.estimator,
@@ -248,10 +258,13 @@ def minibatch(batch: dict[str, jax.Array], key: jax.Array, index: jax.Array, *, 
     return {name: x[prompts] if name.startswith("prompt_") else x[rows] for name, x in batch.items()}
 
 
-def _objective(trained, graphdef, batch, loss_fn: LossFn, options: StepOptions):
-    """The loss of one microbatch: the policy loss (+ entropy bonus), + the critic's value loss for PPO."""
+def _objective(trained, base, graphdef, batch, loss_fn: LossFn, options: StepOptions):
+    """The loss of one microbatch: the policy loss (+ entropy bonus), + the critic's value loss for PPO.
+    `trained`: the policy's params (and the critic's), or under LoRA the adapters merged into `base`."""
     o = options
     params, critic = trained if o.ppo is not None else (trained, None)
+    if o.lora is not None:
+        params = lora_lib.merge(base, params, o.lora)
     entropy_coef = o.loss.entropy_coef
     out = completion_logprobs(nnx.merge(graphdef, params), batch["prompt_tokens"], batch["prompt_mask"],
                               batch["completion_tokens"], batch["completion_mask"], temperature=o.temperature,
@@ -302,7 +315,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
     def accumulate(grads_sum, inputs):
         part, weight = inputs
-        (_, metrics), grads = grad_fn(trained, graphdef, part, loss_fn, o)
+        (_, metrics), grads = grad_fn(trained, state.base, graphdef, part, loss_fn, o)
         return jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads), metrics
 
     grads, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, trained), (micro, weights))
@@ -318,7 +331,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         updates, critic_opt_state = critic_optimizer.update(critic_grads, critic_opt_state, critic)
         critic = optax.apply_updates(critic, updates)
         metrics["critic_grad_norm"] = optax.tree.norm(critic_grads)
-    return TrainState(params, opt_state, critic, critic_opt_state), metrics
+    return TrainState(params, opt_state, critic, critic_opt_state, state.base), metrics
 
 
 def tree_bytes(tree) -> int:
