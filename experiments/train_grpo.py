@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import shutil
 import time
 
 import jax
@@ -327,6 +328,8 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
                                max_prompt_tokens=max_prompt)
     warm_start = workdir is not None and config.warm_start.steps and model is None
     model = make_model(config, tokenizer) if model is None else model
+    if resume is not None and grpo.lora.enabled and not config.checkpoint:
+        model = restore_base(model, resume.directory.parent / BASE_DIR)  # the warm start's, not a new one
     if max(buckets) + grpo.sampling.max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"the largest prompt bucket {max(buckets)} + config.sampling.max_new_tokens="
                          f"{grpo.sampling.max_new_tokens} exceeds the model's max_position_embeddings="
@@ -336,6 +339,33 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
     return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh,
                    fingerprint=fingerprint)
+
+
+BASE_DIR = "base"  # under LoRA without config.checkpoint: the frozen base (the warm-started model)
+
+
+def save_base(trainer: Trainer, directory: pathlib.Path) -> None:
+    """Save a LoRA run's frozen base params (step 0 of their own checkpoint directory), which its
+    checkpoints do not hold: a resumed run and experiments/export.py read them back."""
+    if jax.process_index() == 0 and directory.exists():
+        shutil.rmtree(directory)  # a fresh run's base replaces any earlier run's
+    with Checkpointer(directory) as checkpoints:
+        checkpoints.save(0, {"params": trainer.state.base}, {"contents": "the frozen LoRA base params"},
+                         force=True)
+
+
+def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
+    """`model` with the params saved by `save_base`."""
+    with Checkpointer(directory) as checkpoints:
+        if checkpoints.latest_step() is None:
+            raise FileNotFoundError(f"{directory} holds no base params; a LoRA run without "
+                                    "config.checkpoint saves its warm-started base there. Start the run over "
+                                    "in a new --workdir.")
+        graphdef, params = nnx.split(model)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the Trainer lays them out
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), params)
+        restored, _, _ = checkpoints.restore({"params": abstract}, partial=True)
+    return nnx.merge(graphdef, restored["params"])
 
 
 def write_json(path: pathlib.Path, value) -> None:
@@ -373,6 +403,8 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     with Checkpointer(workdir / "checkpoints") as checkpoints:
         fresh = checkpoints.latest_step() is None
         trainer = build(config, workdir=workdir if fresh else None, resume=None if fresh else checkpoints)
+    if fresh and trainer.state.base is not None and not config.checkpoint:
+        save_base(trainer, workdir / BASE_DIR)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)

@@ -38,9 +38,10 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-@pytest.mark.parametrize("algo", ["ppo"])  # GRPO: the main command's kill trials below
-def test_resume_after_sigkill_is_exact(tmp_path, algo):
-    steps, options = 4, ("--algo", algo)
+@pytest.mark.parametrize("variant", ["ppo", "lora"])  # GRPO: the main command's kill trials below
+def test_resume_after_sigkill_is_exact(tmp_path, variant):
+    steps = 4
+    options = ("--algo", "ppo") if variant == "ppo" else ("--lora_rank", "4")
     run(tmp_path / "straight", steps, *options)
     # Same command, killed once step 2's checkpoint exists, then run again to the end.
     resumed = tmp_path / "resumed"
@@ -58,7 +59,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, algo):
     straight_params = np.load(tmp_path / "straight" / "params_0.npz")
     resumed_params = np.load(resumed / "params_0.npz")
     assert sorted(straight_params) == sorted(resumed_params)
-    assert any(name.startswith("['critic']") for name in straight_params) == (algo == "ppo")
+    assert any(name.startswith("['critic']") for name in straight_params) == (variant == "ppo")
+    assert any(name.endswith("['a']") for name in straight_params) == (variant == "lora")  # adapters
     for name in straight_params:
         np.testing.assert_array_equal(straight_params[name], resumed_params[name], err_msg=name)
     straight_metrics = read_jsonl(tmp_path / "straight" / "metrics.jsonl")

@@ -22,6 +22,7 @@ parser.add_argument("--mesh", default="-1,1,1", help="the training mesh")
 parser.add_argument("--rollout_mesh", default="", help="sampling's own mesh; empty: the training mesh")
 parser.add_argument("--adam_eps", type=float, default=1e-8)
 parser.add_argument("--algo", default="grpo", help="grpo, or ppo (a critic, KL in the reward)")
+parser.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (0: all params)")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -53,7 +54,8 @@ cfg = GRPOConfig.from_dict(dict(
     sampling=dict(group_size=4, max_new_tokens=6, buckets=(8,), stop_tokens=(1,)),
     rollout=dict(num_prompts=8),
     loss=dict(beta=0.04), optimizer=dict(learning_rate=1e-2, adam_eps=args.adam_eps),
-    updates=dict(mu=2, num_minibatches=2), ppo=dict(kl_in_reward=args.algo == "ppo"), algo=args.algo, seed=3))
+    updates=dict(mu=2, num_minibatches=2), ppo=dict(kl_in_reward=args.algo == "ppo"),
+    lora=dict(rank=args.lora_rank), algo=args.algo, seed=3))
 mesh = sharding.make_mesh(args.mesh)
 rollout_mesh = sharding.make_mesh(args.rollout_mesh) if args.rollout_mesh else None
 trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh,
