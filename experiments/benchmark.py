@@ -21,12 +21,21 @@ roofline: the f32 matmul roofline alone (--calls timed 2048 x 2048 matmuls, 50 b
   `taskset`.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
   G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
+memory: device memory of GRPO on Qwen2.5-0.5B / 1.5B / 7B shapes (--models), full fine-tuning against LoRA
+  (--lora_rank, every projection targeted): bytes held between steps (weights, adapters, optimizer state,
+  reference copy at beta > 0) and XLA's compiled peak of one train step at the gsm8k config's minibatch
+  (experiments/configs/gsm8k_qwen2_5_0_5b.py), with bfloat16 params (--param_dtype) and the config's
+  bfloat16 compute and remat. Everything is abstract (jax.eval_shape, ShapeDtypeStruct): no weight is
+  allocated or read, the step is compiled for this backend and never run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -36,14 +45,17 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from grpo_jax import lora as lora_lib
 from grpo_jax import sampling, sharding, token_logprobs
-from grpo_jax.config import GRPOConfig
+from grpo_jax import update as update_lib
+from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
 from grpo_jax.sampling import SamplingConfig, sample
 from grpo_jax.trainer import Trainer
 
 _BENCH = flags.DEFINE_enum("bench", "logprobs_memory",
-                           ["logprobs_memory", "sampling", "grpo_iteration", "train_step", "roofline"],
+                           ["logprobs_memory", "sampling", "grpo_iteration", "train_step", "roofline",
+                            "memory"],
                            "Which benchmark to run.")
 _VOCAB = flags.DEFINE_integer("vocab", 151936, "logprobs_memory: vocabulary size V.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "logprobs_memory: tokens B * T (as B=4 sequences).")
@@ -55,6 +67,12 @@ _CALLS = flags.DEFINE_integer("calls", 50, "roofline: timed calls of the 2048 x 
 _GRAD_ACCUM = flags.DEFINE_integer(
     "grad_accum_steps", 8, "grpo_iteration, train_step: microbatches per update (the same work and the same "
     "update, see trainer.train_step; smaller microbatches stay in the CPU's caches).")
+_MODELS = flags.DEFINE_list("models", ["0.5B", "1.5B", "7B"], "memory: Qwen2.5 sizes, of 0.5B, 1.5B, 7B.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "memory: LoRA rank compared with full fine-tuning.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
+                                 "memory: storage dtype of the model's params (the adapters are float32).")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 0, "memory: prompt length P (0: the gsm8k config's).")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 0, "memory: completion length T (0: the gsm8k config's).")
 
 
 def _naive_logprobs(hidden, unembedding, targets):
@@ -373,6 +391,169 @@ def bench_train_step() -> None:
           f"{rate:.0f} GFLOP/s = {rate / roofline.median:.0%} of the median roofline, "
           f"{rate / roofline.best:.0%} of the best call (target >= 50%)")
 
+# Qwen2.5's shapes, from each checkpoint's config.json (only shapes matter here: no weight is made or read).
+QWEN2_5 = {
+    "0.5B": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                 num_kv_heads=2, tie_word_embeddings=True),
+    "1.5B": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                 num_kv_heads=2, tie_word_embeddings=True),
+    "7B": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+               num_kv_heads=4, tie_word_embeddings=False),
+}
+GIB = 2**30
+CHIPS = {"16 GiB (TPU v5e)": 16 * GIB, "24 GiB (GPU)": 24 * GIB}
+
+
+def qwen2_5_config(size: str, *, param_dtype: str = "bfloat16", dtype: str = "bfloat16",
+                   remat: bool = True) -> ModelConfig:
+    """The ModelConfig of Qwen2.5-`size` (0.5B, 1.5B, 7B): qkv bias, RoPE theta 1e6, head_dim = D / heads."""
+    return ModelConfig(**QWEN2_5[size], qkv_bias=True, rope_theta=1e6, rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, param_dtype=param_dtype, dtype=dtype, remat=remat)
+
+
+def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
+    """The GRPOConfig of experiments/configs/gsm8k_qwen2_5_0_5b.py (config.lora.rank = `lora_rank`) and its
+    prompt length: min(max_prompt_tokens, the largest bucket). The tokenizer's fields keep their defaults
+    (vocab_limit 0: the whole vocabulary)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from configs import gsm8k_qwen2_5_0_5b
+
+    config = gsm8k_qwen2_5_0_5b.get_config()
+    sections = {name: config[name].to_dict() for name in SECTIONS}
+    sections["lora"]["rank"] = lora_rank
+    grpo = GRPOConfig.from_dict({**sections, "algo": config.algo, "num_steps": config.num_steps,
+                                 "seed": config.seed})
+    return grpo, min(config.max_prompt_tokens, max(grpo.sampling.buckets))
+
+
+def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int) -> dict:
+    """Device memory of GRPO on `model_cfg` under `grpo` (full fine-tuning at config.lora.rank=0, else
+    LoRA), all abstract: shapes only, nothing allocated or run.
+
+    Bytes held between steps: `weights` (the policy's params; under LoRA the frozen base), `adapters`,
+    `optimizer` (AdamW's state: `moments` + its counters) and `reference` (the copy of the weights a
+    full fine-tuning run keeps at beta > 0; 0 under LoRA, whose reference is the base). `trainable` =
+    trained params + their moments. `step`: `update.compiled_memory` of one jitted `update.train_step`
+    (donating the state, as the Trainer does) on one minibatch, rollout.num_prompts / num_minibatches
+    prompts of `prompt_tokens` tokens x G completions of max_new_tokens, in grad_accum_steps microbatches,
+    built by the library's `prepare_batch` and `minibatch` from a rollout's shapes. `need` = the step's
+    peak + the reference, which stays on the device beside it.
+    """
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
+    optimizer = update_lib.make_optimizer(grpo.optimizer, grpo.optimizer_updates())
+    options = grpo.step_options()
+    key = jax.eval_shape(lambda: jax.random.key(grpo.seed))
+    if grpo.lora.enabled:
+        trained = jax.eval_shape(lambda p, k: lora_lib.init_adapters(p, grpo.lora, k), params, key)
+        base = params
+    else:
+        trained, base = params, None
+    state = update_lib.TrainState(trained, jax.eval_shape(optimizer.init, trained), base=base)
+    ref_params = params if grpo.loss.beta and base is None else None
+
+    spec = jax.ShapeDtypeStruct
+    s, n = grpo.sampling, grpo.rollout.num_prompts
+    rows, length = n * s.group_size, s.max_new_tokens
+    rollout = dict(prompt_tokens=spec((n, prompt_tokens), jnp.int32),
+                   prompt_mask=spec((n, prompt_tokens), jnp.bool_),
+                   completion_tokens=spec((rows, length), jnp.int32),
+                   completion_mask=spec((rows, length), jnp.bool_),
+                   sample_logprobs=spec((rows, length), jnp.float32),
+                   truncated=spec((rows,), jnp.bool_), rewards=spec((rows,), jnp.float32))
+    # The batch's shapes do not depend on remat; without it prepare_batch also traces when its log-prob
+    # passes run in several parts (lax.map over a model merged outside it).
+    no_remat = nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(model_cfg, remat=False),
+                                                            nnx.Rngs(0))))[0]
+    batch = jax.eval_shape(functools.partial(update_lib.prepare_batch, graphdef=no_remat, options=options),
+                           state, ref_params, rollout)
+    if grpo.updates.num_minibatches > 1:
+        batch = jax.eval_shape(functools.partial(update_lib.minibatch, options=options), batch, key,
+                               spec((), jnp.int32))
+    step = jax.jit(functools.partial(update_lib.train_step, graphdef=graphdef, optimizer=optimizer,
+                                     loss_fn=grpo.default_loss(), options=options), donate_argnums=0)
+    start = time.perf_counter()
+    try:
+        peak, error = update_lib.compiled_memory(step, state, batch), None
+    except Exception as e:  # noqa: BLE001 - reported in place of the peak; the bytes held stand on their own
+        peak, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+    compile_seconds = time.perf_counter() - start
+
+    tree_bytes = update_lib.tree_bytes
+    moments = tree_bytes([x for x in jax.tree.leaves(state.opt_state) if x.ndim])  # not the 0-d counters
+    report = dict(weights=tree_bytes(params), adapters=tree_bytes(trained) if base is not None else 0,
+                  optimizer=tree_bytes(state.opt_state), moments=moments, reference=tree_bytes(ref_params),
+                  trainable=tree_bytes(trained) + moments,
+                  trainable_params=sum(x.size for x in jax.tree.leaves(trained)),
+                  params=sum(x.size for x in jax.tree.leaves(params)), step=peak, step_error=error,
+                  compile_seconds=compile_seconds, microbatch_rows=batch["completion_tokens"].shape[0]
+                  // grpo.updates.grad_accum_steps, minibatch_prompts=batch["prompt_tokens"].shape[0])
+    report["held"] = sum(report[k] for k in ("weights", "adapters", "optimizer", "reference"))
+    report["need"] = None if peak is None else peak["peak"] + report["reference"]
+    return report
+
+
+def _size(n: float) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n else "0"
+
+
+def bench_memory() -> None:
+    full_cfg, prompt_tokens = gsm8k_setup(0)
+    lora_cfg, _ = gsm8k_setup(_LORA_RANK.value)
+    lengths = dict(max_new_tokens=_NEW_TOKENS.value) if _NEW_TOKENS.value else {}
+    if lengths:
+        full_cfg, lora_cfg = (dataclasses.replace(c, sampling=dataclasses.replace(c.sampling, **lengths))
+                              for c in (full_cfg, lora_cfg))
+    prompt_tokens = _PROMPT_TOKENS.value or prompt_tokens
+    s, u = full_cfg.sampling, full_cfg.updates
+    print(f"memory: GRPO device memory, full fine-tuning vs LoRA rank {_LORA_RANK.value} (alpha "
+          f"{lora_cfg.lora.alpha:g}, targets {','.join(lora_cfg.lora.targets)}), AdamW, beta="
+          f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params, bfloat16 compute, remat; one train step of "
+          f"the gsm8k config: {full_cfg.rollout.num_prompts // u.num_minibatches} prompts x "
+          f"G={s.group_size}, "
+          f"{prompt_tokens} prompt + {s.max_new_tokens} new tokens, {u.grad_accum_steps} microbatches; "
+          f"compiled for {jax.default_backend()} on abstract shapes (nothing allocated); GiB = 2^30 bytes")
+    total = time.perf_counter()
+    for size in _MODELS.value:
+        model_cfg = qwen2_5_config(size, param_dtype=_PARAM_DTYPE.value)
+        full = memory_report(model_cfg, full_cfg, prompt_tokens)
+        lora = memory_report(model_cfg, lora_cfg, prompt_tokens)
+        print(f"\nQwen2.5-{size} ({full['params'] / 1e9:.2f}B params), microbatch {full['microbatch_rows']} "
+              f"rows:")
+        print(f"  {'':42s} {'full FT':>11s} {f'LoRA r={_LORA_RANK.value}':>11s}")
+
+        def row(name, full_value, lora_value):
+            print(f"  {name:42s} {full_value:>11s} {lora_value:>11s}")
+
+        row("policy weights (LoRA: the frozen base)", _size(full["weights"]), _size(lora["weights"]))
+        row("LoRA adapters (float32)", "-", _size(lora["adapters"]))
+        row("optimizer state (AdamW moments)", _size(full["optimizer"]), _size(lora["optimizer"]))
+        row(f"reference params (beta={full_cfg.loss.beta:g})", _size(full["reference"]),
+            _size(lora["reference"]))
+        row("held between steps", _size(full["held"]), _size(lora["held"]))
+        row("trainable state (trained params + moments)", _size(full["trainable"]), _size(lora["trainable"]))
+        def step(report, part):
+            return "n/a" if report["step"] is None else _size(report["step"][part])
+
+        for part in ("arguments", "outputs", "temporaries", "aliased"):
+            row(f"  train step {part}", step(full, part), step(lora, part))
+        row("train step peak (compiled)", step(full, "peak"), step(lora, "peak"))
+        row("peak + reference", *("n/a" if r["need"] is None else _size(r["need"]) for r in (full, lora)))
+        for chip, capacity in CHIPS.items():
+            row(f"fits {chip}", *("n/a" if r["need"] is None else "yes" if r["need"] <= capacity else "no"
+                                  for r in (full, lora)))
+        row("compile time", f"{full['compile_seconds']:.1f} s", f"{lora['compile_seconds']:.1f} s")
+        for name, r in (("full FT", full), ("LoRA", lora)):
+            if r["step_error"]:
+                print(f"  {name}: the train step does not compile: {r['step_error'][:300]}")
+        print(f"  LoRA trainable state / full fine-tuning's: {lora['trainable'] / full['trainable']:.2%} of "
+              f"the bytes (target <= 2%), {lora['trainable_params'] / full['trainable_params']:.2%} of the "
+              f"parameters ({lora['trainable_params'] / 1e6:.1f}M)")
+    print("\nfits: peak + reference <= the chip's memory, with no allowance for the runtime's own "
+          "reservation or the sampler's KV cache; QLoRA (a quantized base) is not part of grpo_jax. "
+          f"Total {time.perf_counter() - total:.0f} s.")
+
 
 def bench_roofline() -> None:
     roofline = Roofline()
@@ -384,7 +565,7 @@ def main(argv) -> None:
     del argv
     benches = {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling,
                "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step,
-               "roofline": bench_roofline}
+               "roofline": bench_roofline, "memory": bench_memory}
     if _BENCH.value == "grpo_iteration":  # before the backend starts: one CPU device per core
         jax.config.update("jax_num_cpu_devices", _rollout_devices())
     benches[_BENCH.value]()

@@ -4,8 +4,9 @@ r"""Evaluate a trained policy: greedy accuracy, pass@k and maj@k on a split of t
   python experiments/evaluate.py --config=... --workdir=... --split=test --num_samples=16 --ks=1,4,16
 
 Pass the config the run trained with (with the same overrides): the model is built as training built it and
-only the policy's params are read from the workdir's latest checkpoint (no optimizer state, critic or
-reference); a workdir without one evaluates the freshly initialised (or imported, config.checkpoint) model.
+only the policy's params (under LoRA its adapters, merged into the base) are read from the workdir's latest
+checkpoint (no optimizer state, critic or reference); a workdir without one evaluates the freshly
+initialised (or imported, config.checkpoint) model.
 Prints one line per metric and writes <workdir>/eval_<split>.json.
 """
 
@@ -18,11 +19,8 @@ import jax
 from absl import app, flags, logging
 
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from flax import nnx
-from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer
+from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer, restore_policy
 
-from grpo_jax import sharding
-from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.data import TokenizedDataset
 from grpo_jax.evaluation import evaluate
 
@@ -40,17 +38,8 @@ def main(argv) -> None:
     config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
     tokenizer = make_tokenizer(config)
     grpo = grpo_config(config, tokenizer)  # the run's config, checked before the model is built
-    graphdef, params = nnx.split(make_model(config, tokenizer))
-    checkpoints, step = workdir / "checkpoints", 0
-    if checkpoints.is_dir():  # Checkpointer would create the directory: only open one that exists
-        with Checkpointer(checkpoints) as checkpointer:
-            if checkpointer.latest_step() is not None:
-                mesh = sharding.make_mesh(config.mesh_shape)
-                abstract = {"params": sharding.param_shardings(params, mesh)}
-                abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                        {"params": params}, abstract)
-                restored, _, step = checkpointer.restore(abstract, partial=True)
-                params = restored["params"]
+    checkpoints = workdir / "checkpoints"
+    model, step = restore_policy(config, workdir, make_model(config, tokenizer))
     if step:
         print(f"evaluating the checkpoint of step {step} in {checkpoints}")
     else:
@@ -62,7 +51,7 @@ def main(argv) -> None:
     buckets = grpo.sampling.buckets
     dataset = TokenizedDataset(examples, tokenizer, make_template(config.template),
                                max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
-    metrics = evaluate(nnx.merge(graphdef, params), dataset, tokenizer, key=jax.random.key(_SEED.value),
+    metrics = evaluate(model, dataset, tokenizer, key=jax.random.key(_SEED.value),
                        num_samples=_NUM_SAMPLES.value, ks=[int(k) for k in _KS.value],
                        max_new_tokens=grpo.sampling.max_new_tokens, temperature=_TEMPERATURE.value,
                        buckets=buckets)

@@ -26,6 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from grpo_jax import evaluation, sft, sharding
+from grpo_jax import lora as lora_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax._validation import check_fields
 from grpo_jax.checkpoint import Checkpointer
@@ -366,6 +367,36 @@ def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), params)
         restored, _, _ = checkpoints.restore({"params": abstract}, partial=True)
     return nnx.merge(graphdef, restored["params"])
+
+
+def restore_policy(config, workdir: pathlib.Path, model: Transformer) -> tuple[Transformer, int]:
+    """The policy of `workdir`'s latest checkpoint, built on `model` (config's model, untrained), and its
+    step; (model, 0) when there is no checkpoint. Only the policy's arrays are read: its params, or under
+    LoRA the adapters, merged into the base (config.checkpoint's weights, or the run's saved base)."""
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():  # Checkpointer would create the directory: only open one that exists
+        return model, 0
+    grpo = grpo_config(config, make_tokenizer(config))
+    with Checkpointer(directory) as checkpoints:
+        if checkpoints.latest_step() is None:
+            return model, 0
+        if grpo.lora.enabled and not config.checkpoint:
+            model = restore_base(model, workdir / BASE_DIR)
+        graphdef, params = nnx.split(model)
+        mesh = sharding.make_mesh(config.mesh_shape)
+        if grpo.lora.enabled:  # the adapters' shapes, replicated as training holds them
+            trained = jax.eval_shape(lambda: lora_lib.init_adapters(params, grpo.lora, jax.random.key(0)))
+            layout = jax.tree.map(lambda _: sharding.replicated(mesh), trained)
+        else:
+            trained, layout = params, sharding.param_shardings(params, mesh)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trained,
+                                layout)
+        restored, _, step = checkpoints.restore({"params": abstract}, partial=True)
+    if grpo.lora.enabled:
+        params = lora_lib.merge(params, restored["params"], grpo.lora)
+    else:
+        params = restored["params"]
+    return nnx.merge(graphdef, params), step
 
 
 def write_json(path: pathlib.Path, value) -> None:
