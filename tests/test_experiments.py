@@ -200,6 +200,31 @@ def test_default_run_learns(tmp_path):
     assert warm["accuracy"] >= 0.3 and warm["steps"] < 1000  # it stopped at the threshold, not the cap
 
 
+LORA_RUN = ("--config.lora.rank=16", "--config.lora.alpha=32", "--config.optimizer.learning_rate=3e-3",
+            "--config.num_steps=60", "--config.eval_examples=200", "--config.sample_every=0")
+
+
+def test_the_default_task_learns_with_lora_and_resumes_on_its_saved_base(tmp_path):
+    """The main command with rank-16 LoRA adapters, shortened to 60 GRPO steps, stopped after 30 and
+    resumed (the resumed run reads the warm-started base from <workdir>/base): held-out greedy accuracy on
+    200 test problems rises by at least 12 points. Measured (seeds 0, 1, 2): +23.0, +18.5, +21.0; the full 150
+    steps of this recipe gave +50.0, +41.0 and +33.6 points."""
+    command = [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
+               f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}", f"--workdir={tmp_path}",
+               f"--compilation_cache={tmp_path / 'cache'}", *LORA_RUN]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for extra in (["--stop_after=30"], []):
+        done = subprocess.run(command + extra, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and (tmp_path / "base").is_dir()
+    with train_grpo.Checkpointer(tmp_path / "checkpoints") as checkpoints:
+        stored = checkpoints.stored_paths()
+    assert stored and all(p.split("/")[0] in ("params", "opt_state", "rng") for p in stored)
+    assert {p.split("/")[-1] for p in stored if p.startswith("params/")} == {"a", "b"}  # adapters alone
+    accuracy = json.loads((tmp_path / "accuracy.json").read_text())
+    assert accuracy["step"] == 60 and accuracy["end"] - accuracy["start"] >= 0.12, accuracy
+
+
 # ------------------------------------------------------------------------- Hugging Face checkpoint configs
 
 
