@@ -1,7 +1,7 @@
 """Default experiment: GRPO on 2-digit addition with a tiny model and the built-in tokenizer, on CPU.
 
   python experiments/train_grpo.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
-Every field can be overridden on the command line, e.g. --config.grpo.beta=0.04 --config.num_steps=50.
+Every field can be overridden on the command line, e.g. --config.loss.beta=0.04 --config.num_steps=50.
 """
 
 import ml_collections
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.template = "plain"  # plain | r1_zero | chat
     config.tokenizer = "char"  # "char" or a Hugging Face model directory
     config.max_prompt_tokens = 32
-    config.rewards = (("accuracy", 1.0),)  # (name, weight): accuracy | format | format_strict | language
+    config.rewards = (("accuracy", 1.0),)  # (name, weight); names: see experiments/train_grpo.py REWARDS
 
     # A randomly initialised ModelConfig(**config.model); with config.checkpoint (a Hugging Face directory),
     # these fields would override the ones of its config.json instead.
