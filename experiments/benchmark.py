@@ -401,6 +401,10 @@ QWEN2_5 = {
                num_kv_heads=4, tie_word_embeddings=False),
 }
 GIB = 2**30
+# XLA's CPU scheduler by default orders the program for parallelism, keeping buffers alive that an
+# accelerator's memory-aware scheduler frees (remat then saves nothing); the bench compiles with the
+# memory-minimising schedule instead, so a CPU compile approximates a TPU/GPU one.
+CPU_MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 CHIPS = {"16 GiB (TPU v5e)": 16 * GIB, "24 GiB (GPU)": 24 * GIB}
 
 
@@ -426,19 +430,9 @@ def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
     return grpo, min(config.max_prompt_tokens, max(grpo.sampling.buckets))
 
 
-def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int) -> dict:
-    """Device memory of GRPO on `model_cfg` under `grpo` (full fine-tuning at config.lora.rank=0, else
-    LoRA), all abstract: shapes only, nothing allocated or run.
-
-    Bytes held between steps: `weights` (the policy's params; under LoRA the frozen base), `adapters`,
-    `optimizer` (AdamW's state: `moments` + its counters) and `reference` (the copy of the weights a
-    full fine-tuning run keeps at beta > 0; 0 under LoRA, whose reference is the base). `trainable` =
-    trained params + their moments. `step`: `update.compiled_memory` of one jitted `update.train_step`
-    (donating the state, as the Trainer does) on one minibatch, rollout.num_prompts / num_minibatches
-    prompts of `prompt_tokens` tokens x G completions of max_new_tokens, in grad_accum_steps microbatches,
-    built by the library's `prepare_batch` and `minibatch` from a rollout's shapes. `need` = the step's
-    peak + the reference, which stays on the device beside it.
-    """
+def _abstract_step(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int):
+    """The Trainer's jitted train step and its abstract arguments (shapes only): (step, state, minibatch,
+    params, ref_params)."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
     optimizer = update_lib.make_optimizer(grpo.optimizer, grpo.optimizer_updates())
     options = grpo.step_options()
@@ -471,22 +465,58 @@ def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int) 
                                spec((), jnp.int32))
     step = jax.jit(functools.partial(update_lib.train_step, graphdef=graphdef, optimizer=optimizer,
                                      loss_fn=grpo.default_loss(), options=options), donate_argnums=0)
+    return step, state, batch, params, ref_params
+
+
+def _step_memory(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int):
+    """(`update.compiled_memory` of the train step or None, the error that stopped it or None, seconds)."""
+    step, state, batch, _, _ = _abstract_step(model_cfg, grpo, prompt_tokens)
     start = time.perf_counter()
     try:
-        peak, error = update_lib.compiled_memory(step, state, batch), None
+        return update_lib.compiled_memory(step, state, batch), None, time.perf_counter() - start
     except Exception as e:  # noqa: BLE001 - reported in place of the peak; the bytes held stand on their own
-        peak, error = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
-    compile_seconds = time.perf_counter() - start
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", time.perf_counter() - start
+
+
+def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int, *,
+                  depths: tuple[int, int] | None = (1, 2)) -> dict:
+    """Device memory of GRPO on `model_cfg` under `grpo` (full fine-tuning at config.lora.rank=0, else
+    LoRA), all abstract: shapes only, nothing allocated or run.
+
+    Bytes held between steps: `weights` (the policy's params; under LoRA the frozen base), `adapters`,
+    `optimizer` (AdamW's state: `moments` + its counters) and `reference` (the copy of the weights a
+    full fine-tuning run keeps at beta > 0; 0 under LoRA, whose reference is the base). `trainable` =
+    trained params + their moments.
+
+    `step`: `update.compiled_memory` of one jitted `update.train_step` (donating the state, as the Trainer
+    does) on one minibatch, rollout.num_prompts / num_minibatches prompts of `prompt_tokens` tokens x G
+    completions of max_new_tokens, in grad_accum_steps microbatches, made by the library's `prepare_batch`
+    and `minibatch` from a rollout's shapes. With `depths` (d1, d2), the step is compiled at d1 and d2
+    layers, every other dimension as it is, and each figure extrapolated linearly to the model's depth
+    (layers are alike: each adds its params, optimizer state and saved activations); `depths=None`
+    compiles the whole depth. `need` = the step's peak + the reference, which stays on the device beside it.
+    """
+    _, state, batch, params, ref_params = _abstract_step(model_cfg, grpo, prompt_tokens)
+    layers = model_cfg.num_layers
+    if depths is None or layers <= max(depths):
+        peak, error, seconds = _step_memory(model_cfg, grpo, prompt_tokens)
+    else:
+        (low, error_low, t_low), (high, error_high, t_high) = (
+            _step_memory(dataclasses.replace(model_cfg, num_layers=d), grpo, prompt_tokens) for d in depths)
+        error, seconds = error_low or error_high, t_low + t_high
+        peak = None if error else {k: round(low[k] + (high[k] - low[k]) * (layers - depths[0])
+                                            / (depths[1] - depths[0])) for k in low}
 
     tree_bytes = update_lib.tree_bytes
+    trained = state.params
     moments = tree_bytes([x for x in jax.tree.leaves(state.opt_state) if x.ndim])  # not the 0-d counters
-    report = dict(weights=tree_bytes(params), adapters=tree_bytes(trained) if base is not None else 0,
+    report = dict(weights=tree_bytes(params), adapters=tree_bytes(trained) if state.base is not None else 0,
                   optimizer=tree_bytes(state.opt_state), moments=moments, reference=tree_bytes(ref_params),
                   trainable=tree_bytes(trained) + moments,
                   trainable_params=sum(x.size for x in jax.tree.leaves(trained)),
                   params=sum(x.size for x in jax.tree.leaves(params)), step=peak, step_error=error,
-                  compile_seconds=compile_seconds, microbatch_rows=batch["completion_tokens"].shape[0]
-                  // grpo.updates.grad_accum_steps, minibatch_prompts=batch["prompt_tokens"].shape[0])
+                  compile_seconds=seconds, minibatch_prompts=batch["prompt_tokens"].shape[0],
+                  microbatch_rows=batch["completion_tokens"].shape[0] // grpo.updates.grad_accum_steps)
     report["held"] = sum(report[k] for k in ("weights", "adapters", "optimizer", "reference"))
     report["need"] = None if peak is None else peak["peak"] + report["reference"]
     return report
@@ -568,6 +598,8 @@ def main(argv) -> None:
                "roofline": bench_roofline, "memory": bench_memory}
     if _BENCH.value == "grpo_iteration":  # before the backend starts: one CPU device per core
         jax.config.update("jax_num_cpu_devices", _rollout_devices())
+    if _BENCH.value == "memory":  # before the backend starts: see CPU_MEMORY_FLAG
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_MEMORY_FLAG}".strip()
     benches[_BENCH.value]()
 
 

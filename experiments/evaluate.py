@@ -19,8 +19,10 @@ import jax
 from absl import app, flags, logging
 
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer, restore_policy
+from export import load_run
+from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer
 
+from grpo_jax import lora
 from grpo_jax.data import TokenizedDataset
 from grpo_jax.evaluation import evaluate
 
@@ -38,8 +40,13 @@ def main(argv) -> None:
     config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
     tokenizer = make_tokenizer(config)
     grpo = grpo_config(config, tokenizer)  # the run's config, checked before the model is built
-    checkpoints = workdir / "checkpoints"
-    model, step = restore_policy(config, workdir, make_model(config, tokenizer))
+    checkpoints, step = workdir / "checkpoints", 0
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        model, adapters, step, _ = load_run(config, workdir)
+        if adapters is not None:
+            model = lora.merged(model, adapters, grpo.lora)
+    else:
+        model = make_model(config, tokenizer)
     if step:
         print(f"evaluating the checkpoint of step {step} in {checkpoints}")
     else:

@@ -43,7 +43,7 @@ from grpo_jax.data import (
     load_jsonl,
 )
 from grpo_jax.metrics import LOGGERS, plot_metrics, read_jsonl
-from grpo_jax.models import ModelConfig, Transformer, load_hf_checkpoint
+from grpo_jax.models import ModelConfig, Transformer, config_from_hf, load_hf_checkpoint
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.tokenizers import Tokenizer, load_tokenizer
 from grpo_jax.trainer import Trainer, check_same_run, train
@@ -329,7 +329,7 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
                                max_prompt_tokens=max_prompt)
     warm_start = workdir is not None and config.warm_start.steps and model is None
     model = make_model(config, tokenizer) if model is None else model
-    if resume is not None and grpo.lora.enabled and not config.checkpoint:
+    if resume is not None and grpo.lora.enabled and saves_base(config):
         model = restore_base(model, resume.directory.parent / BASE_DIR)  # the warm start's, not a new one
     if max(buckets) + grpo.sampling.max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"the largest prompt bucket {max(buckets)} + config.sampling.max_new_tokens="
@@ -342,7 +342,13 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
                    fingerprint=fingerprint)
 
 
-BASE_DIR = "base"  # under LoRA without config.checkpoint: the frozen base (the warm-started model)
+BASE_DIR = "base"  # under LoRA: the frozen base, when it is not config.checkpoint's weights as they are
+
+
+def saves_base(config) -> bool:
+    """Whether a LoRA run's base must be saved with the run: it is not config.checkpoint's weights as they
+    are (a random model, a warm start, a perturbation)."""
+    return not config.checkpoint or bool(config.warm_start.steps) or bool(config.init_perturbation)
 
 
 def save_base(trainer: Trainer, directory: pathlib.Path) -> None:
@@ -359,9 +365,9 @@ def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
     """`model` with the params saved by `save_base`."""
     with Checkpointer(directory) as checkpoints:
         if checkpoints.latest_step() is None:
-            raise FileNotFoundError(f"{directory} holds no base params; a LoRA run without "
-                                    "config.checkpoint saves its warm-started base there. Start the run over "
-                                    "in a new --workdir.")
+            raise FileNotFoundError(f"{directory} holds no base params; a LoRA run whose base is not "
+                                    "config.checkpoint's weights as they are saves it there. Start the run "
+                                    "over in a new --workdir.")
         graphdef, params = nnx.split(model)
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the Trainer lays them out
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), params)
@@ -369,34 +375,76 @@ def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
     return nnx.merge(graphdef, restored["params"])
 
 
-def restore_policy(config, workdir: pathlib.Path, model: Transformer) -> tuple[Transformer, int]:
-    """The policy of `workdir`'s latest checkpoint, built on `model` (config's model, untrained), and its
-    step; (model, 0) when there is no checkpoint. Only the policy's arrays are read: its params, or under
-    LoRA the adapters, merged into the base (config.checkpoint's weights, or the run's saved base)."""
+def model_config(config) -> ModelConfig:
+    """The run's ModelConfig, read from config alone (config.checkpoint's config.json with config.model's
+    overrides, or config.model), without loading or initialising any weight."""
+    if config.checkpoint:
+        hf_config = json.loads((pathlib.Path(config.checkpoint) / "config.json").read_text(encoding="utf-8"))
+        return config_from_hf(hf_config, **config.model)
+    return ModelConfig(**config.model)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_run(config, workdir: str | pathlib.Path):
+    """A run's latest checkpoint as (base Transformer, adapters or None, step, base source). Under LoRA the
+    base is the frozen model the adapters apply to (<workdir>/base, else config.checkpoint) and `source`
+    says which ("workdir" or "checkpoint"); a full fine-tuning run's model is its trained params and the
+    adapters are None. Only the policy's arrays are read (no optimizer state, critic or reference). Raises
+    FileNotFoundError when a part is missing and ValueError when the checkpoint is of another config."""
+    workdir = pathlib.Path(workdir)
+    tokenizer = make_tokenizer(config)
+    grpo = grpo_config(config, tokenizer)  # the run's config, checked before anything is read
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config(config), nnx.Rngs(0))))
+    mesh = sharding.make_mesh(config.mesh_shape)
+    abstract_params = _abstract(params, sharding.param_shardings(params, mesh))
+    if grpo.lora.enabled:
+        adapters = jax.eval_shape(lambda p: lora_lib.init_adapters(p, grpo.lora, jax.random.key(0)), params)
+        abstract = _abstract(adapters, jax.tree.map(lambda _: sharding.replicated(mesh), adapters))
+    else:
+        abstract = abstract_params
     directory = workdir / "checkpoints"
     if not directory.is_dir():  # Checkpointer would create the directory: only open one that exists
-        return model, 0
-    grpo = grpo_config(config, make_tokenizer(config))
-    with Checkpointer(directory) as checkpoints:
-        if checkpoints.latest_step() is None:
-            return model, 0
-        if grpo.lora.enabled and not config.checkpoint:
-            model = restore_base(model, workdir / BASE_DIR)
-        graphdef, params = nnx.split(model)
-        mesh = sharding.make_mesh(config.mesh_shape)
-        if grpo.lora.enabled:  # the adapters' shapes, replicated as training holds them
-            trained = jax.eval_shape(lambda: lora_lib.init_adapters(params, grpo.lora, jax.random.key(0)))
-            layout = jax.tree.map(lambda _: sharding.replicated(mesh), trained)
-        else:
-            trained, layout = params, sharding.param_shardings(params, mesh)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trained,
-                                layout)
-        restored, _, step = checkpoints.restore({"params": abstract}, partial=True)
-    if grpo.lora.enabled:
-        params = lora_lib.merge(params, restored["params"], grpo.lora)
-    else:
-        params = restored["params"]
-    return nnx.merge(graphdef, params), step
+        raise FileNotFoundError(f"{directory} does not exist: pass the --workdir of a run (and train it).")
+    with Checkpointer(directory) as checkpointer:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}: train the run first.")
+        try:  # the run first: a changed config would otherwise surface as mismatching arrays
+            saved = checkpointer.metadata()
+        except Exception:  # noqa: BLE001 - an unreadable latest step: restore falls back past it
+            saved = None
+        if saved is not None:
+            _check_run_config(saved, grpo, config, directory)
+        restored, metadata, step = checkpointer.restore({"params": abstract}, partial=True)
+    _check_run_config(metadata, grpo, config, directory)
+    trained = restored["params"]
+    if not grpo.lora.enabled:
+        return nnx.merge(graphdef, trained), None, step, "workdir"
+    base_dir = workdir / BASE_DIR
+    if base_dir.is_dir():
+        with Checkpointer(base_dir) as checkpointer:
+            if checkpointer.latest_step() is None:
+                raise FileNotFoundError(f"{base_dir} holds no checkpoint of the run's base params.")
+            base, _, _ = checkpointer.restore({"params": abstract_params}, partial=True)
+        return nnx.merge(graphdef, base["params"]), trained, step, "workdir"
+    if saves_base(config):
+        raise FileNotFoundError(
+            f"{base_dir} not found: the run's base is not config.checkpoint's weights as they are (a random "
+            "model, a warm start or a perturbation), and only <workdir>/base holds it. Pass the run's "
+            "--workdir.")
+    graphdef, params = nnx.split(make_model(config, tokenizer))  # as the run loaded it
+    params = jax.tree.map(jax.device_put, params, sharding.param_shardings(params, mesh))
+    return nnx.merge(graphdef, params), trained, step, "checkpoint"
+
+
+def _check_run_config(metadata: dict, grpo, config, directory: pathlib.Path) -> None:
+    try:
+        check_same_run(metadata, grpo, run_fingerprint(config), directory, partial=True)
+    except ValueError as error:
+        raise ValueError(f"{str(error).split('. Use a new --workdir')[0]}. Pass the --config (and overrides) "
+                         "the run trained with.") from None
 
 
 def write_json(path: pathlib.Path, value) -> None:
@@ -434,7 +482,7 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     with Checkpointer(workdir / "checkpoints") as checkpoints:
         fresh = checkpoints.latest_step() is None
         trainer = build(config, workdir=workdir if fresh else None, resume=None if fresh else checkpoints)
-    if fresh and trainer.state.base is not None and not config.checkpoint:
+    if fresh and trainer.state.base is not None and saves_base(config):
         save_base(trainer, workdir / BASE_DIR)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"

@@ -13,20 +13,31 @@ same weights; gradients reach A and B through it. The merged kernels exist only 
 (one layer's worth at a time is what XLA needs live in the backward pass, not a second copy of the model).
 
 Adapters export to the PEFT layout (`peft_tensors`: `lora_A` `[rank, in]`, `lora_B` `[out, rank]` in
-Hugging Face's `[out, in]` orientation); the merged model exports as an ordinary Hugging Face checkpoint.
+Hugging Face's `[out, in]` orientation); the merged model exports as an ordinary Hugging Face checkpoint:
+
+    export_merged(base_model, "out/merged", adapters, cfg)     # config.json + model.safetensors
+    export_adapters(adapters, cfg, "out/adapters", base_model="Qwen/Qwen2.5-0.5B")   # PEFT's two files
+    adapters, cfg = load_adapters("out/adapters")              # and back (PEFT-saved adapters too)
+
+experiments/export.py does either for a run's latest checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from grpo_jax._validation import check_fields
+from grpo_jax.models.hf import iter_safetensors, save_hf_checkpoint, write_safetensors
+from grpo_jax.models.transformer import Transformer
 
 # LoRA target name -> (block, projection) in the model's param tree: layers.<i>.<block>.<projection>.kernel
 TARGETS = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
@@ -133,3 +144,150 @@ def peft_config(cfg: LoRAConfig, base_model: str = "") -> dict[str, Any]:
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "target_modules": sorted(HF_NAMES[t].split(".")[-1] for t in cfg.targets),
             "base_model_name_or_path": base_model, "inference_mode": True}
+
+
+# ----------------------------------------------------------------------------- export and import
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file names
+ADAPTER_CONFIG = "adapter_config.json"
+# PEFT's target_modules (the last part of HF_NAMES) -> LoRA target name.
+_PEFT_TARGETS = {hf.split(".")[-1]: target for target, hf in HF_NAMES.items()}
+_merge_jit = jax.jit(merge, static_argnums=2)
+
+
+def check_adapters(params: nnx.State, adapters: Adapters, cfg: LoRAConfig) -> None:
+    """Raise ValueError unless `adapters` has exactly one {"a" [in, rank], "b" [rank, out]} pair for every
+    kernel of `params` that `cfg.targets` names (what `init_adapters` makes), naming what differs."""
+    kernels = {k: x.shape for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if (k := _adapter_key(_names(path), cfg)) is not None}
+    missing, extra = sorted(set(kernels) - set(adapters)), sorted(set(adapters) - set(kernels))
+    if missing or extra:
+        raise ValueError(f"the adapters do not fit the model under config.lora.targets={cfg.targets}: "
+                         f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected "
+                         f"{extra[:4]}{' ...' if len(extra) > 4 else ''}. Pass the LoRAConfig the adapters "
+                         "were trained with.")
+    for name, (fan_in, fan_out) in kernels.items():
+        ab = adapters[name]
+        if set(ab) != {"a", "b"}:
+            raise ValueError(f"adapter {name!r} has arrays {sorted(ab)}, expected 'a' and 'b'.")
+        want = {"a": (fan_in, cfg.rank), "b": (cfg.rank, fan_out)}
+        for part in ("a", "b"):
+            if tuple(ab[part].shape) != want[part]:
+                raise ValueError(f"adapter {name!r}: {part} has shape {tuple(ab[part].shape)}, expected "
+                                 f"{want[part]} (config.lora.rank={cfg.rank}).")
+
+
+def merged(model: Transformer, adapters: Adapters, cfg: LoRAConfig) -> Transformer:
+    """`model` with `adapters` merged into its params: the policy a LoRA run samples from (the same
+    compiled merge as the trainer's, so the same weights to the last bit)."""
+    graphdef, params = nnx.split(model)
+    return nnx.merge(graphdef, _merge_jit(params, adapters, cfg))
+
+
+def export_merged(model: Transformer, directory: str | pathlib.Path, adapters: Adapters | None = None,
+                  cfg: LoRAConfig | None = None, *, max_shard_bytes: int = 4 << 30) -> pathlib.Path:
+    """Write `model` with `adapters` merged in as an ordinary Hugging Face checkpoint (config.json +
+    safetensors, see `save_hf_checkpoint`), loadable by transformers or `load_hf_checkpoint` with no LoRA
+    code. Returns `directory`.
+
+    `model` is the base (the frozen params) and `adapters`/`cfg` the trained adapters and their LoRAConfig:
+    each targeted kernel is written as W + (alpha / rank) * A @ B in W's dtype, exactly what `merge` (and so
+    the trainer's sampler and train step) computes. Without `adapters`, `model` is written as it is, e.g.
+    `export_merged(trainer.policy(), out)` (under LoRA the policy is already merged) or a full fine-tuning
+    run's model. The adapters are checked against the model first (`check_adapters`).
+
+        lora.export_merged(base_model, "out/merged", trainer.state.params, trainer.cfg.lora)
+
+    Single process: every array must be addressable from this process (gather a multi-host model first).
+    """
+    if adapters is not None:
+        if cfg is None or not cfg.enabled:
+            raise ValueError("export_merged(model, directory, adapters, cfg): adapters need the LoRAConfig "
+                             f"(rank > 0) they were trained with; got cfg={cfg!r}.")
+        graphdef, params = nnx.split(model)
+        check_adapters(params, adapters, cfg)
+        model = nnx.merge(graphdef, _merge_jit(params, adapters, cfg))
+    save_hf_checkpoint(model, directory, max_shard_bytes=max_shard_bytes)
+    return pathlib.Path(directory)
+
+
+def export_adapters(adapters: Adapters, cfg: LoRAConfig, directory: str | pathlib.Path,
+                    base_model: str = "") -> pathlib.Path:
+    """Write `adapters` in PEFT's layout: `adapter_model.safetensors` (`peft_tensors`: lora_A `[rank, in]`,
+    lora_B `[out, rank]`, float32) and `adapter_config.json` (`peft_config`, with `base_model` as
+    base_model_name_or_path: the Hugging Face model they apply to). PEFT adds (lora_alpha / r) * B @ A to
+    each target's `[out, in]` weight, the same update as `merge`. Returns `directory`.
+
+        lora.export_adapters(trainer.state.params, trainer.cfg.lora, "out/adapters", "Qwen/Qwen2.5-0.5B")
+    """
+    if not cfg.enabled:
+        raise ValueError(f"export_adapters needs the adapters' LoRAConfig (rank > 0); got rank={cfg.rank}.")
+    wanted = {TARGETS[t] for t in cfg.targets}
+    for name, ab in adapters.items():
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or (parts[2], parts[3]) not in {
+                *TARGETS.values()}:
+            raise ValueError(f"adapter name {name!r} is not 'layers.<i>.<block>.<projection>' of a LoRA "
+                             f"target {tuple(TARGETS)}.")
+        if (parts[2], parts[3]) not in wanted:
+            raise ValueError(f"adapter {name!r} is not among config.lora.targets={cfg.targets}; pass the "
+                             "LoRAConfig the adapters were trained with.")
+        if ab["a"].shape[1] != cfg.rank or ab["b"].shape[0] != cfg.rank:
+            raise ValueError(f"adapter {name!r}: a {tuple(ab['a'].shape)} and b {tuple(ab['b'].shape)} are "
+                             f"not of config.lora.rank={cfg.rank}.")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in peft_tensors(adapters).items()}
+    write_safetensors(directory / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model), indent=2) + "\n")
+    return directory
+
+
+def load_adapters(directory: str | pathlib.Path) -> tuple[Adapters, LoRAConfig]:
+    """Adapters in PEFT's layout (as `export_adapters` writes them, or PEFT's `save_pretrained` of a LoRA on
+    the q/k/v/o/gate/up/down projections of a Llama/Qwen model) -> (adapters, LoRAConfig), for `merge`,
+    `export_merged` or to start training from. Raises ValueError for PEFT options grpo_jax does not compute
+    (per-module ranks, rsLoRA, DoRA, fan_in_fan_out, biases, other modules)."""
+    directory = pathlib.Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: pass a directory of PEFT LoRA adapters.")
+    peft = json.loads(config_path.read_text(encoding="utf-8"))
+    unsupported = [f"{key}={peft[key]!r}" for key, ok in (
+        ("peft_type", lambda v: v == "LORA"), ("use_rslora", lambda v: not v), ("use_dora", lambda v: not v),
+        ("fan_in_fan_out", lambda v: not v), ("bias", lambda v: v in (None, "none")),
+        ("rank_pattern", lambda v: not v), ("alpha_pattern", lambda v: not v),
+        ("modules_to_save", lambda v: not v), ("layers_to_transform", lambda v: v is None),
+        ("lora_bias", lambda v: not v), ("layer_replication", lambda v: not v),
+        ("target_parameters", lambda v: not v), ("trainable_token_indices", lambda v: not v),
+    ) if key in peft and not ok(peft[key])]
+    modules = peft.get("target_modules") or []
+    if isinstance(modules, str) or any(m not in _PEFT_TARGETS for m in modules):
+        unsupported.append(f"target_modules={modules!r} (supported: {sorted(_PEFT_TARGETS)})")
+    if unsupported:
+        raise ValueError(f"{config_path}: {', '.join(unsupported)} is not supported by grpo_jax's LoRA.")
+    cfg = LoRAConfig(rank=int(peft["r"]), alpha=float(peft["lora_alpha"]),
+                     targets=tuple(t for t in TARGETS if HF_NAMES[t].split(".")[-1] in modules))
+    inverse = {HF_NAMES[t]: TARGETS[t] for t in cfg.targets}
+    adapters: dict[str, dict[str, jax.Array]] = {}
+    for tensor_name, array in iter_safetensors(directory):
+        parts = tensor_name.split(".")
+        # base_model.model.model.layers.<i>.<self_attn|mlp>.<x>_proj.lora_<A|B>[.<adapter>].weight
+        lora_part, module = (parts[7], ".".join(parts[5:7])) if len(parts) in (9, 10) else ("", "")
+        if (parts[:4] != ["base_model", "model", "model", "layers"] or not parts[4].isdigit()
+                or module not in inverse or lora_part not in ("lora_A", "lora_B") or parts[-1] != "weight"):
+            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: tensor {tensor_name!r} is not a LoRA A or B "
+                             f"of the target modules {modules}.")
+        block, projection = inverse[module]
+        ab = adapters.setdefault(f"layers.{parts[4]}.{block}.{projection}", {})
+        ab["a" if lora_part == "lora_A" else "b"] = jnp.asarray(np.asarray(array, np.float32).T)
+    incomplete = sorted(name for name, ab in adapters.items() if set(ab) != {"a", "b"})
+    if incomplete or not adapters:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS}: adapters {incomplete} lack lora_A or lora_B"
+                         if incomplete else f"{directory / ADAPTER_WEIGHTS} holds no LoRA tensors.")
+    for name, ab in adapters.items():
+        if ab["a"].shape[1] != cfg.rank or ab["b"].shape[0] != cfg.rank:
+            raise ValueError(f"{directory / ADAPTER_WEIGHTS}: adapter {name!r} has rank "
+                             f"{ab['a'].shape[1]}, but {ADAPTER_CONFIG} says r={cfg.rank}.")
+    return adapters, cfg

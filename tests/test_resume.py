@@ -1,6 +1,7 @@
 """Resuming is safe: a checkpoint of another run is refused naming what changed, a finished run can be
 extended, a broken latest checkpoint falls back to the previous one, and a run is deterministic."""
 
+import shutil
 import warnings
 
 import jax
@@ -36,6 +37,22 @@ def run(t, workdir, steps):
     return train(t, workdir, steps, checkpoint_every=1, print_fn=lambda _: None)
 
 
+def data(seed):
+    examples = [{"prompt": f"{seed + i} + 1 =", "answer": str(seed + i + 1)} for i in range(16)]
+    return TokenizedDataset(examples, load_tokenizer("char"))
+
+
+WIDE = ModelConfig(**{**MODEL.__dict__, "vocab_size": 128})  # room for the char tokenizer
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One step of a run with a fingerprint, checkpointed: the run the cases below try to resume."""
+    workdir = tmp_path_factory.mktemp("first_run")
+    run(trainer(dataset=data(0), fingerprint={"config.task_args.digits": 2}, model_config=WIDE), workdir, 1)
+    return workdir
+
+
 @pytest.mark.parametrize("change, expected", [
     (dict(fingerprint={"config.task_args.digits": 3}), r"config\.task_args\.digits: 2 -> 3"),
     (dict(fingerprint={"config.task_args.digits": 2, "config.rewards": [["format", 1.0]]}),
@@ -46,16 +63,8 @@ def run(t, workdir, steps):
      r"model\.rope_theta: 10000\.0 -> 500\.0"),
     (dict(dataset="other"), r"data: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
 ])
-def test_a_checkpoint_of_another_run_is_refused_naming_the_change(tmp_path, change, expected):
-    tokenizer = load_tokenizer("char")
-
-    def data(seed):
-        examples = [{"prompt": f"{seed + i} + 1 =", "answer": str(seed + i + 1)} for i in range(16)]
-        return TokenizedDataset(examples, tokenizer)
-
-    first = trainer(dataset=data(0), fingerprint={"config.task_args.digits": 2},
-                    model_config=ModelConfig(**{**MODEL.__dict__, "vocab_size": 128}))
-    run(first, tmp_path, 1)
+def test_a_checkpoint_of_another_run_is_refused_naming_the_change(tmp_path, first_run, change, expected):
+    shutil.copytree(first_run, tmp_path, dirs_exist_ok=True)
     change = dict(change)
     change["dataset"] = data(100) if change.get("dataset") == "other" else data(0)
     change.setdefault("fingerprint", {"config.task_args.digits": 2})
