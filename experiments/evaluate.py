@@ -19,8 +19,7 @@ import jax
 from absl import app, flags, logging
 
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from export import load_run
-from train_grpo import grpo_config, make_examples, make_model, make_template, make_tokenizer
+from train_grpo import grpo_config, load_run, make_examples, make_model, make_template, make_tokenizer
 
 from grpo_jax import lora
 from grpo_jax.data import TokenizedDataset
