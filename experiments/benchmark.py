@@ -23,10 +23,14 @@ train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parame
   G=8 with 64 + 128 tokens: median seconds and achieved GFLOP/s against the roofline.
 memory: device memory of GRPO on Qwen2.5-0.5B / 1.5B / 7B shapes (--models), full fine-tuning against LoRA
   (--lora_rank, every projection targeted): bytes held between steps (weights, adapters, optimizer state,
-  reference copy at beta > 0) and XLA's compiled peak of one train step at the gsm8k config's minibatch
-  (experiments/configs/gsm8k_qwen2_5_0_5b.py), with bfloat16 params (--param_dtype) and the config's
-  bfloat16 compute and remat. Everything is abstract (jax.eval_shape, ShapeDtypeStruct): no weight is
-  allocated or read, the step is compiled for this backend and never run.
+  reference copy at beta > 0), the LoRA / full trainable-state ratio, and XLA's compiled peak of one train
+  step at the gsm8k config's minibatch (experiments/configs/gsm8k_qwen2_5_0_5b.py; --prompt_tokens,
+  --new_tokens change its lengths), with bfloat16 params (--param_dtype) and the config's bfloat16 compute
+  and remat, against a 16 GiB and a 24 GiB device. Everything is abstract (jax.eval_shape,
+  ShapeDtypeStruct): no weight is allocated or read, the step is compiled for this backend and never run.
+  The step is compiled at 2 and 3 layers and extrapolated to the model's depth (--full_depth compiles it
+  whole). On a CPU the peak approximates an accelerator's: XLA's CPU backend fuses less (e.g. the
+  attention softmax) and never rematerializes to fit a memory limit, as the GPU and TPU compilers do.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float3
                                  "memory: storage dtype of the model's params (the adapters are float32).")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 0, "memory: prompt length P (0: the gsm8k config's).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 0, "memory: completion length T (0: the gsm8k config's).")
+_FULL_DEPTH = flags.DEFINE_bool(
+    "full_depth", False, "memory: compile the train step at the model's whole depth instead of at 2 and 3 "
+    "layers extrapolated (minutes per compile; on a CPU, XLA's scheduler may then run every layer's "
+    "recomputation ahead of the backward pass, which inflates the peak).")
 
 
 def _naive_logprobs(hidden, unembedding, targets):
@@ -419,7 +427,9 @@ def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
     """The GRPOConfig of experiments/configs/gsm8k_qwen2_5_0_5b.py (config.lora.rank = `lora_rank`) and its
     prompt length: min(max_prompt_tokens, the largest bucket). The tokenizer's fields keep their defaults
     (vocab_limit 0: the whole vocabulary)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from configs import gsm8k_qwen2_5_0_5b
 
     config = gsm8k_qwen2_5_0_5b.get_config()
@@ -479,7 +489,7 @@ def _step_memory(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int):
 
 
 def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int, *,
-                  depths: tuple[int, int] | None = (1, 2)) -> dict:
+                  depths: tuple[int, int] | None = (2, 3)) -> dict:
     """Device memory of GRPO on `model_cfg` under `grpo` (full fine-tuning at config.lora.rank=0, else
     LoRA), all abstract: shapes only, nothing allocated or run.
 
@@ -494,7 +504,10 @@ def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int, 
     and `minibatch` from a rollout's shapes. With `depths` (d1, d2), the step is compiled at d1 and d2
     layers, every other dimension as it is, and each figure extrapolated linearly to the model's depth
     (layers are alike: each adds its params, optimizer state and saved activations); `depths=None`
-    compiles the whole depth. `need` = the step's peak + the reference, which stays on the device beside it.
+    compiles the whole depth. Not (1, 2): a 1-layer step is scheduled unlike a deeper one. On a CPU the
+    whole depth is also not the better figure: XLA's CPU scheduler may run every layer's recomputation
+    (remat) ahead of the backward pass (seen under LoRA at Qwen2.5-0.5B's 24 layers: 103 GiB against 15 GiB
+    extrapolated). `need` = the step's peak + the reference, which stays on the device beside it.
     """
     _, state, batch, params, ref_params = _abstract_step(model_cfg, grpo, prompt_tokens)
     layers = model_cfg.num_layers
@@ -531,41 +544,43 @@ def _size(n: float) -> str:
 def bench_memory() -> None:
     full_cfg, prompt_tokens = gsm8k_setup(0)
     lora_cfg, _ = gsm8k_setup(_LORA_RANK.value)
-    lengths = dict(max_new_tokens=_NEW_TOKENS.value) if _NEW_TOKENS.value else {}
-    if lengths:
-        full_cfg, lora_cfg = (dataclasses.replace(c, sampling=dataclasses.replace(c.sampling, **lengths))
-                              for c in (full_cfg, lora_cfg))
+    if _NEW_TOKENS.value:
+        full_cfg, lora_cfg = (dataclasses.replace(c, sampling=dataclasses.replace(
+            c.sampling, max_new_tokens=_NEW_TOKENS.value)) for c in (full_cfg, lora_cfg))
     prompt_tokens = _PROMPT_TOKENS.value or prompt_tokens
+    depths = None if _FULL_DEPTH.value else (2, 3)
     s, u = full_cfg.sampling, full_cfg.updates
     print(f"memory: GRPO device memory, full fine-tuning vs LoRA rank {_LORA_RANK.value} (alpha "
-          f"{lora_cfg.lora.alpha:g}, targets {','.join(lora_cfg.lora.targets)}), AdamW, beta="
-          f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params, bfloat16 compute, remat; one train step of "
-          f"the gsm8k config: {full_cfg.rollout.num_prompts // u.num_minibatches} prompts x "
-          f"G={s.group_size}, "
-          f"{prompt_tokens} prompt + {s.max_new_tokens} new tokens, {u.grad_accum_steps} microbatches; "
-          f"compiled for {jax.default_backend()} on abstract shapes (nothing allocated); GiB = 2^30 bytes")
+          f"{lora_cfg.lora.alpha:g}, targets {','.join(lora_cfg.lora.targets)}); AdamW, beta="
+          f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params (LoRA adapters float32), bfloat16 compute, "
+          f"remat.\nOne train step of the gsm8k config: {full_cfg.rollout.num_prompts // u.num_minibatches} "
+          f"prompts x G={s.group_size}, {prompt_tokens} prompt + {s.max_new_tokens} new tokens, in "
+          f"{u.grad_accum_steps} microbatches; compiled for {jax.default_backend()} on abstract shapes "
+          "(nothing allocated or run), " + ("at the whole depth." if depths is None else
+                                            "at 2 and 3 layers, extrapolated linearly to the model's depth.")
+          + " GiB = 2^30 bytes.")
     total = time.perf_counter()
     for size in _MODELS.value:
         model_cfg = qwen2_5_config(size, param_dtype=_PARAM_DTYPE.value)
-        full = memory_report(model_cfg, full_cfg, prompt_tokens)
-        lora = memory_report(model_cfg, lora_cfg, prompt_tokens)
-        print(f"\nQwen2.5-{size} ({full['params'] / 1e9:.2f}B params), microbatch {full['microbatch_rows']} "
-              f"rows:")
+        full = memory_report(model_cfg, full_cfg, prompt_tokens, depths=depths)
+        lora = memory_report(model_cfg, lora_cfg, prompt_tokens, depths=depths)
+        print(f"\nQwen2.5-{size} ({full['params'] / 1e9:.2f}B params, {model_cfg.num_layers} layers), "
+              f"microbatch {full['microbatch_rows']} rows:")
         print(f"  {'':42s} {'full FT':>11s} {f'LoRA r={_LORA_RANK.value}':>11s}")
 
         def row(name, full_value, lora_value):
             print(f"  {name:42s} {full_value:>11s} {lora_value:>11s}")
 
+        def step(report, part):
+            return "n/a" if report["step"] is None else _size(report["step"][part])
+
         row("policy weights (LoRA: the frozen base)", _size(full["weights"]), _size(lora["weights"]))
-        row("LoRA adapters (float32)", "-", _size(lora["adapters"]))
+        row("LoRA adapters", "-", _size(lora["adapters"]))
         row("optimizer state (AdamW moments)", _size(full["optimizer"]), _size(lora["optimizer"]))
         row(f"reference params (beta={full_cfg.loss.beta:g})", _size(full["reference"]),
             _size(lora["reference"]))
         row("held between steps", _size(full["held"]), _size(lora["held"]))
         row("trainable state (trained params + moments)", _size(full["trainable"]), _size(lora["trainable"]))
-        def step(report, part):
-            return "n/a" if report["step"] is None else _size(report["step"][part])
-
         for part in ("arguments", "outputs", "temporaries", "aliased"):
             row(f"  train step {part}", step(full, part), step(lora, part))
         row("train step peak (compiled)", step(full, "peak"), step(lora, "peak"))

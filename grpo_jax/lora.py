@@ -9,8 +9,10 @@ KL term (the adapters off), so a run with beta > 0 stores no copy of the weights
     policy = merge(params, adapters, cfg)                        # the base params with W + s A B
 
 `merge` is what both the sampler (once per iteration) and the training forward use, so they evaluate the
-same weights; gradients reach A and B through it. The merged kernels exist only inside the jitted step
-(one layer's worth at a time is what XLA needs live in the backward pass, not a second copy of the model).
+same weights; gradients reach A and B through it. The merged kernels exist only inside the jitted step, but
+there they are made for the whole model before the forward pass and live through the backward pass: the
+train step holds a second copy of the adapted weights (12 GiB for Qwen2.5-7B in bfloat16,
+`experiments/benchmark.py --bench=memory`). Merging inside each layer would remove it.
 
 Adapters export to the PEFT layout (`peft_tensors`: `lora_A` `[rank, in]`, `lora_B` `[out, rank]` in
 Hugging Face's `[out, in]` orientation); the merged model exports as an ordinary Hugging Face checkpoint:
@@ -97,7 +99,8 @@ def _adapter_key(names: tuple[str, ...], cfg: LoRAConfig) -> str | None:
 
 
 def init_adapters(params: nnx.State, cfg: LoRAConfig, key: jax.Array) -> Adapters:
-    """Adapters for every targeted kernel of `params`: A ~ N(0, 1/in) and B = 0, in float32."""
+    """Adapters for every targeted kernel of `params`: A ~ N(0, 1/in) and B = 0, in the kernel's dtype
+    (their optimizer moments follow: bfloat16 params give bfloat16 adapters, as full fine-tuning would)."""
     if not cfg.enabled:
         raise ValueError("init_adapters needs config.lora.rank > 0.")
     kernels = [(k, x) for path, x in jax.tree_util.tree_leaves_with_path(params)
@@ -105,8 +108,9 @@ def init_adapters(params: nnx.State, cfg: LoRAConfig, key: jax.Array) -> Adapter
     if not kernels:
         raise ValueError(f"config.lora.targets={cfg.targets} matches no kernel of the model.")
     keys = jax.random.split(key, len(kernels))
-    return {name: {"a": jax.random.normal(k, (x.shape[0], cfg.rank), jnp.float32) / math.sqrt(x.shape[0]),
-                   "b": jnp.zeros((cfg.rank, x.shape[1]), jnp.float32)}
+    return {name: {"a": (jax.random.normal(k, (x.shape[0], cfg.rank), jnp.float32)
+                         / math.sqrt(x.shape[0])).astype(x.dtype),
+                   "b": jnp.zeros((cfg.rank, x.shape[1]), x.dtype)}
             for (name, x), k in zip(kernels, keys, strict=True)}
 
 
@@ -116,7 +120,8 @@ def merge(params: nnx.State, adapters: Adapters, cfg: LoRAConfig) -> nnx.State:
         name = _adapter_key(_names(path), cfg)
         if name is None:
             return x
-        delta = cfg.scale * (adapters[name]["a"] @ adapters[name]["b"])
+        a, b = (adapters[name][k].astype(jnp.float32) for k in ("a", "b"))
+        delta = cfg.scale * (a @ b)
         return (x.astype(jnp.float32) + delta).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, params)

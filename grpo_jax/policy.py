@@ -97,11 +97,11 @@ def batch_logprobs(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, j
     """`[B, T]` log-probs of a whole batch's completions under `params`, computed in `parts` sequential
     parts of whole groups (`lax.map`), so memory is that of one part: the reference and old log-probs of a
     batch, in the update's microbatches."""
-    model = nnx.merge(graphdef, params)
-
     def logprobs(part):
-        return completion_logprobs(model, *(part[k] for k in LOGPROB_FIELDS), temperature=temperature,
-                                   chunk_size=chunk_size, vocab_limit=vocab_limit)
+        # The model is built inside the mapped function, with variables of its own: NNX transforms (remat)
+        # cannot update variables made in an outer trace.
+        return completion_logprobs(nnx.merge(graphdef, params, copy=True), *(part[k] for k in LOGPROB_FIELDS),
+                                   temperature=temperature, chunk_size=chunk_size, vocab_limit=vocab_limit)
 
     if parts == 1:
         return logprobs(batch)

@@ -316,9 +316,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     def accumulate(grads_sum, inputs):
         part, weight = inputs
         (_, metrics), grads = grad_fn(trained, state.base, graphdef, part, loss_fn, o)
-        return jax.tree.map(lambda a, g: a + weight * g, grads_sum, grads), metrics
+        return jax.tree.map(lambda a, g: a + weight * g.astype(jnp.float32), grads_sum, grads), metrics
 
-    grads, metrics = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, trained), (micro, weights))
+    # Summed in float32 whatever the params' dtype (bfloat16 params give bfloat16 gradients), then cast back.
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trained)
+    grads, metrics = jax.lax.scan(accumulate, zeros, (micro, weights))
+    grads = jax.tree.map(lambda g, x: g.astype(x.dtype), grads, trained)
     reduce = {"_max": jnp.max, "_min": jnp.min}
     metrics = {k: reduce.get(k[-4:], lambda m: jnp.sum(m * weights))(m) for k, m in metrics.items()}
     grads, critic_grads = grads if o.ppo is not None else (grads, None)

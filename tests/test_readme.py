@@ -178,34 +178,33 @@ def python_argv(command: str, replace: Mapping[str, str] = (), append: tuple[str
 
 
 # Importing a script defines its absl flags; the README's flags are then parsed exactly as the script would.
+# One command per process: ml_collections registers a config's `--config.<field>` override flags from
+# sys.argv when the script defines its config flag, so sys.argv is the command's before the script loads.
 PARSE_FLAGS = """
 import json, pathlib, runpy, sys
 from absl import flags
-script, check, *argvs = sys.argv[1:]
-sys.path.insert(0, str(pathlib.Path(script).parent))
-namespace = runpy.run_path(script, run_name="readme_flags")
-for argv in argvs:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(json.loads(argv))
-    exec(check, {"FLAGS": flags.FLAGS, "script": namespace})
-print("parsed", len(argvs))
+check, argv = sys.argv[1], json.loads(sys.argv[2])
+sys.argv = argv
+sys.path.insert(0, str(pathlib.Path(argv[0]).parent))
+namespace = runpy.run_path(argv[0], run_name="readme_flags")
+flags.FLAGS(argv)
+exec(check, {"FLAGS": flags.FLAGS, "script": namespace})
+print("parsed")
 """
 
 
 def parse_flags(commands: list[str], check: str = "") -> None:
     """Parse each command's flags with its script's absl flags (unknown flags, bad values and missing
     required flags fail), then run `check` against FLAGS and the script's namespace."""
-    argvs = [python_argv(c)[1:] for c in commands]
-    scripts = {argv[0] for argv in argvs}
-    assert len(scripts) == 1, scripts
-    run([sys.executable, "-c", PARSE_FLAGS, scripts.pop(), check, *map(json.dumps, argvs)], timeout=120)
+    for command in commands:
+        run([sys.executable, "-c", PARSE_FLAGS, check, json.dumps(python_argv(command)[1:])], timeout=120)
 
 
-def shortened_run_exists(test: str, script: str) -> None:
-    """`tests/test_experiments.py::<test>` exists and runs `experiments/<script>`."""
-    source = (ROOT / "tests" / "test_experiments.py").read_text(encoding="utf-8")
+def shortened_run_exists(test: str, script: str, file: str = "test_experiments.py") -> None:
+    """`tests/<file>::<test>` exists and runs `experiments/<script>`."""
+    source = (ROOT / "tests" / file).read_text(encoding="utf-8")
     body = re.search(rf"^def {test}\(.*?(?=^\S)", source, re.M | re.S)
-    assert body and f'"{script}"' in body.group(0), f"tests/test_experiments.py::{test} runs no {script}"
+    assert body and script in body.group(0), f"tests/{file}::{test} runs no {script}"
 
 
 @dataclasses.dataclass
@@ -370,6 +369,18 @@ def exercise_compare(commands: list[str], session: Session) -> None:
                          "compare_grpo_ppo.py")
 
 
+def exercise_lora(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.config.lora.rank > 0")
+    shortened_run_exists("test_the_default_task_learns_with_lora_and_resumes_on_its_saved_base",
+                         "train_grpo.py")
+
+
+def exercise_export(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.out and FLAGS.config.lora.rank > 0")
+    shortened_run_exists("test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters", "export",
+                         "test_lora_export.py")
+
+
 def exercise_pip_extra(commands: list[str], session: Session) -> None:
     setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     (extras,) = [k.value for node in ast.walk(setup) if isinstance(node, ast.Call)
@@ -416,6 +427,14 @@ COMMANDS = (
     Row("compare", r"python experiments/compare_grpo_ppo\.py .*",
         "flags (and the config file) parsed by compare_grpo_ppo.py's own flags; a shortened run is "
         "tests/test_experiments.py::test_compare_grpo_ppo_tabulates_...", exercise_compare),
+    Row("lora", r"python experiments/train_grpo\.py --config=experiments/configs/arithmetic_tiny\.py "
+        r"--workdir=\S+ --config\.lora\.rank=.*",
+        "flags parsed by train_grpo.py's own flags; a shortened run (60 steps, stopped and resumed) is "
+        "tests/test_experiments.py::test_the_default_task_learns_with_lora_...", exercise_lora),
+    Row("export", r"python experiments/export\.py .*",
+        "flags parsed by export.py's own flags; a shortened run is "
+        "tests/test_lora_export.py::test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters",
+        exercise_export),
     Row("pip-extra", r"pip install -e '\.\[\w+\]'", "the extra exists in setup.py", exercise_pip_extra),
 )
 

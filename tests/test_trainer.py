@@ -412,3 +412,19 @@ def test_with_a_vocab_limit_the_trained_distribution_is_the_sampled_one():
     np.testing.assert_allclose(np.where(mask, reference, 0), np.where(mask, limited, 0), atol=2e-5)
     _, metrics = trainer.train_step(trainer.state, batch)
     assert float(metrics["rollout_logprob_diff_max"]) < 1e-4
+
+
+def test_bfloat16_params_with_gradient_accumulation_and_remat_with_microbatched_log_probs_train():
+    """bfloat16 params: gradients are summed over microbatches in float32 and the params stay bfloat16.
+    remat with the reference/old log-probs computed in parts: the model is built inside the mapped part."""
+    bf16 = ModelConfig(**{**MODEL.__dict__, "param_dtype": "bfloat16", "dtype": "bfloat16", "remat": True})
+    trainer = make_trainer(model_config=bf16, grad_accum_steps=2, num_minibatches=2, mu=2, beta=0.04)
+    before = jax.device_get(trainer.state.params)
+    for _ in range(2):
+        metrics = trainer.iteration()
+    assert np.isfinite(metrics["loss"]) and metrics["skipped_updates"] == 0 and metrics["kl"] > 0
+    after = trainer.state.params
+    assert {x.dtype for x in jax.tree.leaves(after)} == {jnp.dtype("bfloat16")}
+    moved = [float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
+             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+    assert max(moved) > 0
