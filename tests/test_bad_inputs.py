@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import train_grpo  # noqa: E402
-from configs import arithmetic_tiny  # noqa: E402
+from configs_for_tests import default_config  # noqa: E402
 
 from grpo_jax.checkpoint import Checkpointer  # noqa: E402
 
@@ -25,16 +25,8 @@ LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
 
 
 def config(**overrides):
-    cfg = arithmetic_tiny.get_config()
-    cfg.unlock()
-    cfg.warm_start.steps = 2  # reached only if a check is missing: the guards below fail the test then
-    for key, value in overrides.items():
-        target = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return cfg
+    # A warm start is reached only if a check is missing: the guards below fail the test then.
+    return default_config(**{"warm_start.steps": 2, **overrides})
 
 
 def jsonl(tmp, train_lines, test_lines=('{"question": "1 + 1?", "answer": "#### 2"}',)):

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import train_grpo  # noqa: E402
-from configs import arithmetic_tiny, countdown_qwen, gsm8k_qwen2_5_0_5b  # noqa: E402
+from configs import countdown_qwen, gsm8k_qwen2_5_0_5b  # noqa: E402
+from configs_for_tests import default_config  # noqa: E402
 
 from grpo_jax.models import load_hf_checkpoint  # noqa: E402
 from grpo_jax.tokenizers import HFTokenizer  # noqa: E402
@@ -28,15 +29,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 
 def config(**overrides):
-    cfg = arithmetic_tiny.get_config()
-    cfg.unlock()
-    for key, value in overrides.items():
-        target = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return cfg
+    return default_config(**overrides)
 
 
 def test_default_config_builds_a_trainer():

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import export  # noqa: E402
 import train_grpo  # noqa: E402
 from configs import arithmetic_tiny  # noqa: E402
+from configs_for_tests import set_fields  # noqa: E402
 
 logits_of = nnx.jit(forward_logits)
 # The merge as the trainer runs it (compiled): the export writes these weights bit for bit (eager op-by-op
@@ -254,13 +255,7 @@ def run_config(**overrides):
     cfg.rollout.num_prompts = 8
     cfg.updates.grad_accum_steps = 1
     cfg.optimizer.learning_rate = 3e-2
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = cfg
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return cfg
+    return set_fields(cfg, overrides)
 
 
 @pytest.fixture(scope="module")
