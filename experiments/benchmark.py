@@ -71,6 +71,9 @@ _CALLS = flags.DEFINE_integer("calls", 50, "roofline: timed calls of the 2048 x 
 _GRAD_ACCUM = flags.DEFINE_integer(
     "grad_accum_steps", 8, "grpo_iteration, train_step: microbatches per update (the same work and the same "
     "update, see trainer.train_step; smaller microbatches stay in the CPU's caches).")
+_MICROBATCHES = flags.DEFINE_integer(
+    "microbatches", 0, "memory: microbatches per update (grad_accum_steps; 0: the gsm8k config's). Smaller "
+    "microbatches, the same update: the activations and attention scores shrink with them.")
 _MODELS = flags.DEFINE_list("models", ["0.5B", "1.5B", "7B"], "memory: Qwen2.5 sizes, of 0.5B, 1.5B, 7B.")
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 16, "memory: LoRA rank compared with full fine-tuning.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "bfloat16", ["bfloat16", "float32"],
@@ -435,6 +438,8 @@ def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
     config = gsm8k_qwen2_5_0_5b.get_config()
     sections = {name: config[name].to_dict() for name in SECTIONS}
     sections["lora"]["rank"] = lora_rank
+    if _MICROBATCHES.value:
+        sections["updates"]["grad_accum_steps"] = _MICROBATCHES.value
     grpo = GRPOConfig.from_dict({**sections, "algo": config.algo, "num_steps": config.num_steps,
                                  "seed": config.seed})
     return grpo, min(config.max_prompt_tokens, max(grpo.sampling.buckets))
@@ -552,7 +557,7 @@ def bench_memory() -> None:
     s, u = full_cfg.sampling, full_cfg.updates
     print(f"memory: GRPO device memory, full fine-tuning vs LoRA rank {_LORA_RANK.value} (alpha "
           f"{lora_cfg.lora.alpha:g}, targets {','.join(lora_cfg.lora.targets)}); AdamW, beta="
-          f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params (LoRA adapters float32), bfloat16 compute, "
+          f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params (the LoRA adapters too), bfloat16 compute, "
           f"remat.\nOne train step of the gsm8k config: {full_cfg.rollout.num_prompts // u.num_minibatches} "
           f"prompts x G={s.group_size}, {prompt_tokens} prompt + {s.max_new_tokens} new tokens, in "
           f"{u.grad_accum_steps} microbatches; compiled for {jax.default_backend()} on abstract shapes "

@@ -39,8 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Supervised cold start on "answer<eos>" completions, stopped once the held-out greedy accuracy of the
     # moving average of its params (ema) reaches the threshold: GRPO then starts from a partially competent
-    # policy that gets reward signal, and does the rest (30-48% -> 76-100%, README "Robustness"). At Adam
-    # 1e-3 the supervised curve is smooth and all 24 runs measured crossed 30% in 275-475 steps; at 3e-3 its
+    # policy that gets reward signal, and does the rest (30-52% -> 77-100%, README "Robustness"). At Adam
+    # 1e-3 the supervised curve is smooth and all 24 runs measured crossed 30% in 275-500 steps; at 3e-3 its
     # accuracy swung by 10-15 points and some trajectories were still below 10% after 2000 steps. The
     # average, not the raw params, is checked and returned: it crosses the threshold only for real.
     config.warm_start = ml_collections.ConfigDict(dict(
