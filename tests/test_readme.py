@@ -369,6 +369,11 @@ def exercise_compare(commands: list[str], session: Session) -> None:
                          "compare_grpo_ppo.py")
 
 
+def exercise_memory_bench(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.bench == 'memory' and 'bench_memory' in script")
+    assert "def test_" in (ROOT / "tests" / "test_benchmark_memory.py").read_text(encoding="utf-8")
+
+
 def exercise_lora(commands: list[str], session: Session) -> None:
     parse_flags(commands, "assert FLAGS.config.lora.rank > 0")
     shortened_run_exists("test_the_default_task_learns_with_lora_and_resumes_on_its_saved_base",
@@ -427,6 +432,9 @@ COMMANDS = (
     Row("compare", r"python experiments/compare_grpo_ppo\.py .*",
         "flags (and the config file) parsed by compare_grpo_ppo.py's own flags; a shortened run is "
         "tests/test_experiments.py::test_compare_grpo_ppo_tabulates_...", exercise_compare),
+    Row("bench-memory", r"python experiments/benchmark\.py --bench=memory( .*)?",
+        "minutes at Qwen2.5 sizes: the flags are parsed by benchmark.py's own flags; the bench itself runs "
+        "at a tiny shape in tests/test_benchmark_memory.py", exercise_memory_bench),
     Row("lora", r"python experiments/train_grpo\.py --config=experiments/configs/arithmetic_tiny\.py "
         r"--workdir=\S+ --config\.lora\.rank=.*",
         "flags parsed by train_grpo.py's own flags; a shortened run (60 steps, stopped and resumed) is "
