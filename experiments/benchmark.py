@@ -426,7 +426,7 @@ def qwen2_5_config(size: str, *, param_dtype: str = "bfloat16", dtype: str = "bf
                        max_position_embeddings=32768, param_dtype=param_dtype, dtype=dtype, remat=remat)
 
 
-def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
+def gsm8k_setup(lora_rank: int = 0, quantize: str = "") -> tuple[GRPOConfig, int]:
     """The GRPOConfig of experiments/configs/gsm8k_qwen2_5_0_5b.py (config.lora.rank = `lora_rank`) and its
     prompt length: min(max_prompt_tokens, the largest bucket). The tokenizer's fields keep their defaults
     (vocab_limit 0: the whole vocabulary)."""
@@ -438,6 +438,7 @@ def gsm8k_setup(lora_rank: int = 0) -> tuple[GRPOConfig, int]:
     config = gsm8k_qwen2_5_0_5b.get_config()
     sections = {name: config[name].to_dict() for name in SECTIONS}
     sections["lora"]["rank"] = lora_rank
+    sections["lora"]["quantize"] = quantize
     if _MICROBATCHES.value:
         sections["updates"]["grad_accum_steps"] = _MICROBATCHES.value
     grpo = GRPOConfig.from_dict({**sections, "algo": config.algo, "num_steps": config.num_steps,
@@ -455,6 +456,8 @@ def _abstract_step(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int)
     if grpo.lora.enabled:
         trained = jax.eval_shape(lambda p, k: lora_lib.init_adapters(p, grpo.lora, k), params, key)
         base = params
+        if grpo.lora.quantize:  # QLoRA: the frozen kernels as int8 + a scale per column
+            base = jax.eval_shape(functools.partial(lora_lib.quantize_base, cfg=grpo.lora), params)
     else:
         trained, base = params, None
     state = update_lib.TrainState(trained, jax.eval_shape(optimizer.init, trained), base=base)
@@ -528,7 +531,8 @@ def memory_report(model_cfg: ModelConfig, grpo: GRPOConfig, prompt_tokens: int, 
     tree_bytes = update_lib.tree_bytes
     trained = state.params
     moments = tree_bytes([x for x in jax.tree.leaves(state.opt_state) if x.ndim])  # not the 0-d counters
-    report = dict(weights=tree_bytes(params), adapters=tree_bytes(trained) if state.base is not None else 0,
+    weights = params if state.base is None else state.base  # QLoRA: the int8 kernels and their scales
+    report = dict(weights=tree_bytes(weights), adapters=tree_bytes(trained) if state.base is not None else 0,
                   optimizer=tree_bytes(state.opt_state), moments=moments, reference=tree_bytes(ref_params),
                   trainable=tree_bytes(trained) + moments,
                   trainable_params=sum(x.size for x in jax.tree.leaves(trained)),
@@ -549,13 +553,14 @@ def _size(n: float) -> str:
 def bench_memory() -> None:
     full_cfg, prompt_tokens = gsm8k_setup(0)
     lora_cfg, _ = gsm8k_setup(_LORA_RANK.value)
+    qlora_cfg, _ = gsm8k_setup(_LORA_RANK.value, "int8")
     if _NEW_TOKENS.value:
-        full_cfg, lora_cfg = (dataclasses.replace(c, sampling=dataclasses.replace(
-            c.sampling, max_new_tokens=_NEW_TOKENS.value)) for c in (full_cfg, lora_cfg))
+        full_cfg, lora_cfg, qlora_cfg = (dataclasses.replace(c, sampling=dataclasses.replace(
+            c.sampling, max_new_tokens=_NEW_TOKENS.value)) for c in (full_cfg, lora_cfg, qlora_cfg))
     prompt_tokens = _PROMPT_TOKENS.value or prompt_tokens
     depths = None if _FULL_DEPTH.value else (2, 3)
     s, u = full_cfg.sampling, full_cfg.updates
-    print(f"memory: GRPO device memory, full fine-tuning vs LoRA rank {_LORA_RANK.value} (alpha "
+    print(f"memory: GRPO device memory, full fine-tuning vs LoRA (and QLoRA) rank {_LORA_RANK.value} (alpha "
           f"{lora_cfg.lora.alpha:g}, targets {','.join(lora_cfg.lora.targets)}); AdamW, beta="
           f"{full_cfg.loss.beta:g}; {_PARAM_DTYPE.value} params (the LoRA adapters too), bfloat16 compute, "
           f"remat.\nOne train step of the gsm8k config: {full_cfg.rollout.num_prompts // u.num_minibatches} "
@@ -567,41 +572,42 @@ def bench_memory() -> None:
     total = time.perf_counter()
     for size in _MODELS.value:
         model_cfg = qwen2_5_config(size, param_dtype=_PARAM_DTYPE.value)
-        full = memory_report(model_cfg, full_cfg, prompt_tokens, depths=depths)
-        lora = memory_report(model_cfg, lora_cfg, prompt_tokens, depths=depths)
+        reports = [memory_report(model_cfg, c, prompt_tokens, depths=depths)
+                   for c in (full_cfg, lora_cfg, qlora_cfg)]
+        full, lora, qlora = reports
         print(f"\nQwen2.5-{size} ({full['params'] / 1e9:.2f}B params, {model_cfg.num_layers} layers), "
               f"microbatch {full['microbatch_rows']} rows:")
-        print(f"  {'':42s} {'full FT':>11s} {f'LoRA r={_LORA_RANK.value}':>11s}")
+        print(f"  {'':42s} {'full FT':>11s} {f'LoRA r={_LORA_RANK.value}':>11s} {'QLoRA int8':>11s}")
 
-        def row(name, full_value, lora_value):
-            print(f"  {name:42s} {full_value:>11s} {lora_value:>11s}")
+        def row(name, *values):
+            print(f"  {name:42s} " + " ".join(f"{v:>11s}" for v in values))
 
         def step(report, part):
             return "n/a" if report["step"] is None else _size(report["step"][part])
 
-        row("policy weights (LoRA: the frozen base)", _size(full["weights"]), _size(lora["weights"]))
-        row("LoRA adapters", "-", _size(lora["adapters"]))
-        row("optimizer state (AdamW moments)", _size(full["optimizer"]), _size(lora["optimizer"]))
-        row(f"reference params (beta={full_cfg.loss.beta:g})", _size(full["reference"]),
-            _size(lora["reference"]))
-        row("held between steps", _size(full["held"]), _size(lora["held"]))
-        row("trainable state (trained params + moments)", _size(full["trainable"]), _size(lora["trainable"]))
+        row("policy weights (LoRA: the frozen base)", *(_size(r["weights"]) for r in reports))
+        row("LoRA adapters", "-", _size(lora["adapters"]), _size(qlora["adapters"]))
+        row("optimizer state (AdamW moments)", *(_size(r["optimizer"]) for r in reports))
+        row(f"reference params (beta={full_cfg.loss.beta:g})", *(_size(r["reference"]) for r in reports))
+        row("held between steps", *(_size(r["held"]) for r in reports))
+        row("trainable state (trained params + moments)", *(_size(r["trainable"]) for r in reports))
         for part in ("arguments", "outputs", "temporaries", "aliased"):
-            row(f"  train step {part}", step(full, part), step(lora, part))
-        row("train step peak (compiled)", step(full, "peak"), step(lora, "peak"))
-        row("peak + reference", *("n/a" if r["need"] is None else _size(r["need"]) for r in (full, lora)))
+            row(f"  train step {part}", *(step(r, part) for r in reports))
+        row("train step peak (compiled)", *(step(r, "peak") for r in reports))
+        row("peak + reference", *("n/a" if r["need"] is None else _size(r["need"]) for r in reports))
         for chip, capacity in CHIPS.items():
             row(f"fits {chip}", *("n/a" if r["need"] is None else "yes" if r["need"] <= capacity else "no"
-                                  for r in (full, lora)))
-        row("compile time", f"{full['compile_seconds']:.1f} s", f"{lora['compile_seconds']:.1f} s")
-        for name, r in (("full FT", full), ("LoRA", lora)):
+                                  for r in reports))
+        row("compile time", *(f"{r['compile_seconds']:.1f} s" for r in reports))
+        for name, r in zip(("full FT", "LoRA", "QLoRA"), reports, strict=True):
             if r["step_error"]:
                 print(f"  {name}: the train step does not compile: {r['step_error'][:300]}")
         print(f"  LoRA trainable state / full fine-tuning's: {lora['trainable'] / full['trainable']:.2%} of "
               f"the bytes (target <= 2%), {lora['trainable_params'] / full['trainable_params']:.2%} of the "
               f"parameters ({lora['trainable_params'] / 1e6:.1f}M)")
     print("\nfits: peak + reference <= the chip's memory, with no allowance for the runtime's own "
-          "reservation or the sampler's KV cache; QLoRA (a quantized base) is not part of grpo_jax. "
+          "reservation or the sampler's KV cache. QLoRA: the frozen targeted kernels as int8 with a "
+          "scale per column, dequantized inside the step. "
           f"Total {time.perf_counter() - total:.0f} s.")
 
 

@@ -338,6 +338,8 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
+    if workdir is not None and grpo.lora.enabled and saves_base(config):
+        save_base(nnx.split(model)[1], workdir / BASE_DIR)
     return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh,
                    fingerprint=fingerprint)
 
@@ -351,14 +353,14 @@ def saves_base(config) -> bool:
     return not config.checkpoint or bool(config.warm_start.steps) or bool(config.init_perturbation)
 
 
-def save_base(trainer: Trainer, directory: pathlib.Path) -> None:
-    """Save a LoRA run's frozen base params (step 0 of their own checkpoint directory), which its
-    checkpoints do not hold: a resumed run and experiments/export.py read them back."""
+def save_base(params, directory: pathlib.Path) -> None:
+    """Save a LoRA run's frozen base params (in full precision, before any QLoRA quantization) as step 0 of
+    their own checkpoint directory, which the run's checkpoints do not hold: a resumed run, evaluate.py and
+    export.py read them back."""
     if jax.process_index() == 0 and directory.exists():
         shutil.rmtree(directory)  # a fresh run's base replaces any earlier run's
     with Checkpointer(directory) as checkpoints:
-        checkpoints.save(0, {"params": trainer.state.base}, {"contents": "the frozen LoRA base params"},
-                         force=True)
+        checkpoints.save(0, {"params": params}, {"contents": "the frozen LoRA base params"}, force=True)
 
 
 def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
@@ -428,7 +430,7 @@ def load_run(config, workdir: str | pathlib.Path):
             if checkpointer.latest_step() is None:
                 raise FileNotFoundError(f"{base_dir} holds no checkpoint of the run's base params.")
             base, _, _ = checkpointer.restore({"params": abstract_params}, partial=True)
-        return nnx.merge(graphdef, base["params"]), trained, step, "workdir"
+        return nnx.merge(graphdef, _as_trained(base["params"], grpo)), trained, step, "workdir"
     if saves_base(config):
         raise FileNotFoundError(
             f"{base_dir} not found: the run's base is not config.checkpoint's weights as they are (a random "
@@ -436,7 +438,14 @@ def load_run(config, workdir: str | pathlib.Path):
             "--workdir.")
     graphdef, params = nnx.split(make_model(config, tokenizer))  # as the run loaded it
     params = jax.tree.map(jax.device_put, params, sharding.param_shardings(params, mesh))
-    return nnx.merge(graphdef, params), trained, step, "checkpoint"
+    return nnx.merge(graphdef, _as_trained(params, grpo)), trained, step, "checkpoint"
+
+
+def _as_trained(base, grpo: GRPOConfig):
+    """The base as the adapters were trained on it: under QLoRA, quantized and dequantized again."""
+    if not grpo.lora.quantize:
+        return base
+    return jax.jit(lambda p: lora_lib.dequantize(lora_lib.quantize_base(p, grpo.lora)))(base)
 
 
 def _check_run_config(metadata: dict, grpo, config, directory: pathlib.Path) -> None:
@@ -482,8 +491,6 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     with Checkpointer(workdir / "checkpoints") as checkpoints:
         fresh = checkpoints.latest_step() is None
         trainer = build(config, workdir=workdir if fresh else None, resume=None if fresh else checkpoints)
-    if fresh and trainer.state.base is not None and saves_base(config):
-        save_base(trainer, workdir / BASE_DIR)
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)

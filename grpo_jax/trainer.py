@@ -89,6 +89,8 @@ class Trainer:
             adapters = lora_lib.init_adapters(params, cfg.lora, jax.random.split(jax.random.key(cfg.seed))[1])
             trained = jax.tree.map(lambda x: sharding.put_global(np.asarray(x), replicated), adapters)
             trained_shardings, base = jax.tree.map(lambda _: replicated, adapters), params
+            if cfg.lora.quantize:  # QLoRA: the frozen kernels as int8 (the full-precision ones are dropped)
+                base = jax.jit(functools.partial(lora_lib.quantize_base, cfg=cfg.lora))(params)
         opt_state = init_optimizer(self.optimizer, trained, trained_shardings, self.mesh)
         self.critic_optimizer = critic = critic_opt_state = None
         if cfg.algo == "ppo":

@@ -231,8 +231,9 @@ def prepare_batch(state: TrainState, ref_params: nnx.State | None, batch: dict[s
                               temperature=o.temperature, chunk_size=o.updates.logprob_chunk_size,
                               vocab_limit=o.vocab_limit)
 
-    if o.loss.beta:  # under LoRA the reference is the base, the adapters off
-        batch["ref_logprobs"] = logprobs(state.base if o.lora is not None else ref_params)
+    if o.loss.beta:  # under LoRA the reference is the base, the adapters off (QLoRA: dequantized)
+        reference = lora_lib.dequantize(state.base) if o.lora is not None else ref_params
+        batch["ref_logprobs"] = logprobs(reference)
     if o.needs_old_logprobs:
         batch["old_logprobs"] = logprobs(policy_params(state, o))
     if o.ppo is None:

@@ -22,11 +22,11 @@ MODEL = ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_layers
                     num_kv_heads=KV, qkv_bias=True, max_position_embeddings=64)
 
 
-def grpo(rank: int) -> GRPOConfig:
+def grpo(rank: int, quantize: str = "") -> GRPOConfig:
     return GRPOConfig.from_dict(dict(
         sampling=dict(group_size=2, max_new_tokens=8, buckets=(8,)), rollout=dict(num_prompts=4),
         loss=dict(beta=0.04), updates=dict(num_minibatches=2, grad_accum_steps=2),
-        lora=dict(rank=rank, alpha=8.0)))
+        lora=dict(rank=rank, alpha=8.0, quantize=quantize)))
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,14 @@ def test_depth_extrapolation_is_exact_for_what_is_linear_in_depth():
     # Up to the optimizer's 1-byte `last_finite` flag, which the step never reads (jit drops unused inputs).
     assert 0 <= tree_bytes(state) + tree_bytes(batch) - report["step"]["arguments"] <= 1
     assert 0 <= tree_bytes(state) - report["step"]["aliased"] <= 1  # the donated state
+
+
+def test_qlora_stores_the_targeted_kernels_as_int8_with_a_scale_per_column():
+    q, plain = (benchmark.memory_report(MODEL, cfg, prompt_tokens=8, depths=None)
+                for cfg in (grpo(RANK, "int8"), grpo(RANK)))
+    kernels = {"q": (D, H * HD), "k": (D, KV * HD), "v": (D, KV * HD), "o": (H * HD, D), "gate": (D, F),
+               "up": (D, F), "down": (F, D)}
+    float32_bytes = sum(4 * i * o for i, o in kernels.values())
+    int8_bytes = sum(i * o + 4 * o for i, o in kernels.values())  # int8 entries + a float32 scale per column
+    assert plain["weights"] - q["weights"] == float32_bytes - int8_bytes
+    assert q["trainable"] == plain["trainable"] and q["reference"] == 0 and q["step"]["peak"] > 0

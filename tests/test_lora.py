@@ -87,16 +87,18 @@ def test_under_lora_the_reference_is_the_frozen_base_with_no_copy_and_sampling_u
     np.testing.assert_array_equal(policy["embed"][...], untrained["embed"][...])
 
 
-def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_exactly(tmp_path):
-    straight = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **LORA)
+@pytest.mark.parametrize("quantize", ["", "int8"])
+def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_exactly(tmp_path, quantize):
+    lora_fields = {**LORA, "quantize": quantize}
+    straight = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **lora_fields)
     train(straight, tmp_path / "straight", 3, checkpoint_every=1, print_fn=lambda _: None)
-    first = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **LORA)
+    first = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **lora_fields)
     train(first, tmp_path / "resumed", 2, checkpoint_every=1, print_fn=lambda _: None)
     with Checkpointer(tmp_path / "resumed" / "checkpoints") as checkpoints:
         stored = checkpoints.stored_paths(2)
     assert {path.split("/")[0] for path in stored} == {"params", "opt_state", "rng"}  # no base, no reference
     assert {path.split("/")[1] for path in stored if path.startswith("params/")} == set(first.state.params)
-    resumed = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **LORA)
+    resumed = make_trainer(beta=0.04, learning_rate=3e-2, num_steps=3, **lora_fields)
     train(resumed, tmp_path / "resumed", 3, checkpoint_every=1, print_fn=lambda _: None)
     pairs = zip(jax.tree.leaves(straight.state.params), jax.tree.leaves(resumed.state.params), strict=True)
     for a, b in pairs:
@@ -107,7 +109,34 @@ def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_exactly(tmp_path
     (dict(rank=-1), "config.lora.rank=-1"),
     (dict(rank=4, alpha=0.0), "config.lora.alpha=0.0"),
     (dict(rank=4, targets=("qkv",)), "config.lora.targets=('qkv',)"),
+    (dict(rank=0, quantize="int8"), "config.lora.quantize=.int8. needs config.lora.rank > 0"),
+    (dict(rank=4, quantize="nf4"), "config.lora.quantize=.nf4."),
 ])
 def test_lora_config_errors_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         lora.LoRAConfig(**fields)
+
+
+def test_qlora_holds_the_base_as_int8_its_reference_is_the_dequantized_base_and_it_trains():
+    trainer = make_trainer(beta=0.04, learning_rate=3e-2, quantize="int8", **LORA)
+    plain = make_trainer(beta=0.04, learning_rate=3e-2, **LORA)
+    untrained = nnx.split(Transformer(MODEL, nnx.Rngs(0)))[1]
+    is_kernel = lambda x: isinstance(x, lora.Int8Kernel)  # noqa: E731
+    kernels = [x for x in jax.tree.leaves(trainer.state.base, is_leaf=is_kernel) if is_kernel(x)]
+    assert len(kernels) == 7 * MODEL.num_layers and all(k.q.dtype == jnp.int8 for k in kernels)
+    assert trainer.state_bytes()["base"] < 0.5 * plain.state_bytes()["base"]  # float32 kernels -> int8
+    # The dequantized base is the model within the int8 rounding (half a step of each column's scale).
+    dequantized = lora.dequantize(trainer.state.base)
+    q = dequantized["layers"][0]["attn"]["q"]["kernel"][...]
+    w = untrained["layers"][0]["attn"]["q"]["kernel"][...]
+    assert 0 < float(jnp.abs(q - w).max()) <= float(jnp.abs(w).max(axis=0).max()) / 127 / 2 * 1.001
+    for _ in range(3):
+        metrics = trainer.iteration()
+        assert metrics["rollout_kl"] < 1e-7 and metrics["rollout_logprob_diff_max"] < 1e-4
+    assert metrics["kl"] > 0 and np.isfinite(metrics["loss"])
+    batch = trainer.batch(trainer.collect(jax.random.key(5)))
+    o = trainer.cfg.step_options()
+    dequantized = lora.dequantize(trainer.state.base)  # the train step donates the state: read it again
+    np.testing.assert_array_equal(dequantized["layers"][0]["attn"]["q"]["kernel"][...], q)  # never moved
+    expected = batch_logprobs(dequantized, trainer.graphdef, batch, group_size=o.group_size)
+    np.testing.assert_allclose(batch["ref_logprobs"], expected, atol=1e-5)

@@ -286,7 +286,7 @@ def test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters(run_model, tm
         export.export(config, workdir, tmp_path / "none")
     # The main command saves a LoRA run's base (no config.checkpoint) as step 0 of <workdir>/base, holding
     # {"params": trainer.state.base}.
-    train_grpo.save_base(trainer, workdir / train_grpo.BASE_DIR)
+    train_grpo.save_base(trainer.state.base, workdir / train_grpo.BASE_DIR)
     with Checkpointer(workdir / "base") as checkpointer:
         assert checkpointer.all_steps() == [0]
         assert {path.split("/")[0] for path in checkpointer.stored_paths()} == {"params"}
