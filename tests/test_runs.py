@@ -21,15 +21,20 @@ def command(workdir, steps, *extra):
     return [sys.executable, str(SCRIPT), str(workdir), str(steps), *extra]
 
 
-def environment():
+def environment(cache=None):
+    """The test's environment for a run, with the script's own device count; with `cache`, JAX's persistent
+    compilation cache there (the runs of one test compile the same programs)."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the script sets its own device count
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
-def run(workdir, steps, *extra):
-    done = subprocess.run(command(workdir, steps, *extra), env=environment(), capture_output=True, text=True,
-                          timeout=600)
+def run(workdir, steps, *extra, cache=None):
+    done = subprocess.run(command(workdir, steps, *extra), env=environment(cache), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -42,10 +47,11 @@ def comparable(records):
 def test_resume_after_sigkill_is_exact(tmp_path, variant):
     steps = 4
     options = ("--algo", "ppo") if variant == "ppo" else ("--lora_rank", "4")
-    run(tmp_path / "straight", steps, *options)
+    cache = tmp_path / "compilation_cache"
+    run(tmp_path / "straight", steps, *options, cache=cache)
     # Same command, killed once step 2's checkpoint exists, then run again to the end.
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(command(resumed, steps, *options), env=environment(),
+    process = subprocess.Popen(command(resumed, steps, *options), env=environment(cache),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "2").is_dir() and process.poll() is None and time.time() < deadline:
@@ -54,7 +60,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, variant):
     process.wait()
     assert (resumed / "checkpoints" / "2").is_dir()
     assert not (resumed / "params_0.npz").exists()  # it really died before finishing
-    output = run(resumed, steps, *options)
+    output = run(resumed, steps, *options, cache=cache)
     assert "resumed from" in output
     straight_params = np.load(tmp_path / "straight" / "params_0.npz")
     resumed_params = np.load(resumed / "params_0.npz")
