@@ -169,7 +169,7 @@ def test_the_main_command_killed_at_random_points_resumes_to_the_uninterrupted_r
     assert len(compiled) > 5
     rng = np.random.default_rng(0)
     trials = [("first save after the warm start", lambda ck, lines: saving(ck, 0), True),
-              ("a later save", lambda ck, lines: saving(ck, 4), True)]
+              ("a later save", lambda ck, lines: any(saving(ck, s) for s in (2, 4, 6)), True)]
     step = int(rng.integers(1, 6))
     trials.append((f"training, after step {step}", lambda ck, lines: lines >= step, False))
     for name, when, mid_save in trials:
