@@ -73,7 +73,7 @@ REWARDS = {
 
 
 TASKS = ("arithmetic", "countdown", "gsm8k", "jsonl")
-TEMPLATES = ("plain", "r1_zero", "chat")
+TEMPLATES = {"plain": PLAIN, "r1_zero": R1_ZERO, "chat": ChatTemplate(system=REASONING_INSTRUCTIONS)}
 # The experiment fields that define a run beyond GRPOConfig: a resume with any of them changed is refused.
 RUN_FIELDS = ("task", "task_args", "template", "tokenizer", "checkpoint", "max_prompt_tokens", "rewards",
               "init_perturbation", "model", "warm_start")
@@ -119,7 +119,7 @@ def check_config(config) -> None:
          "needs the wandb package: pip install wandb (or drop 'wandb')"),
         ("task", config.task, config.task in TASKS, f"is not a task; use one of {TASKS}"),
         ("template", config.template, config.template in TEMPLATES,
-         f"is not a template; use one of {TEMPLATES}"),
+         f"is not a template; use one of {tuple(TEMPLATES)}"),
         ("rewards", config.rewards, bool(config.rewards) and all(
             len(r) == 2 and r[0] in REWARDS and number(r[1]) for r in config.rewards),
          f"must be (name, finite weight) pairs with names from {sorted(REWARDS)}"),
@@ -186,14 +186,13 @@ def make_examples(config, split: str):
     if config.task == "jsonl":
         paths = {s: args.pop(f"{s}_path", "") for s in ("train", "test")}
         return load_jsonl(paths[split], **args)
-    raise ValueError(f"config.task={config.task!r} must be arithmetic, countdown, gsm8k or jsonl.")
+    raise ValueError(f"config.task={config.task!r} is not a task; use one of {TASKS}.")
 
 
 def make_template(name: str):
-    templates = {"plain": PLAIN, "r1_zero": R1_ZERO, "chat": ChatTemplate(system=REASONING_INSTRUCTIONS)}
-    if name not in templates:
-        raise ValueError(f"config.template={name!r} must be one of {sorted(templates)}.")
-    return templates[name]
+    if name not in TEMPLATES:
+        raise ValueError(f"config.template={name!r} is not a template; use one of {tuple(TEMPLATES)}.")
+    return TEMPLATES[name]
 
 
 def make_reward_fn(config, tokenizer: Tokenizer):
@@ -363,17 +362,19 @@ def save_base(params, directory: pathlib.Path) -> None:
         checkpoints.save(0, {"params": params}, {"contents": "the frozen LoRA base params"}, force=True)
 
 
-def restore_base(model: Transformer, directory: pathlib.Path) -> Transformer:
-    """`model` with the params saved by `save_base`."""
+def restore_base(model: Transformer, directory: pathlib.Path, shardings=None) -> Transformer:
+    """`model` (any params of the run's shapes, abstract ones too) with the params saved by `save_base`,
+    laid out by `shardings` (default: whole on this process's first device; the Trainer lays them out)."""
     with Checkpointer(directory) as checkpoints:
         if checkpoints.latest_step() is None:
             raise FileNotFoundError(f"{directory} holds no base params; a LoRA run whose base is not "
                                     "config.checkpoint's weights as they are saves it there. Start the run "
                                     "over in a new --workdir.")
         graphdef, params = nnx.split(model)
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # the Trainer lays them out
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), params)
-        restored, _, _ = checkpoints.restore({"params": abstract}, partial=True)
+        if shardings is None:
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: local, params)
+        restored, _, _ = checkpoints.restore({"params": _abstract(params, shardings)}, partial=True)
     return nnx.merge(graphdef, restored["params"])
 
 
@@ -401,12 +402,12 @@ def load_run(config, workdir: str | pathlib.Path):
     grpo = grpo_config(config, tokenizer)  # the run's config, checked before anything is read
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config(config), nnx.Rngs(0))))
     mesh = sharding.make_mesh(config.mesh_shape)
-    abstract_params = _abstract(params, sharding.param_shardings(params, mesh))
+    param_shardings = sharding.param_shardings(params, mesh)
     if grpo.lora.enabled:
         adapters = jax.eval_shape(lambda p: lora_lib.init_adapters(p, grpo.lora, jax.random.key(0)), params)
         abstract = _abstract(adapters, jax.tree.map(lambda _: sharding.replicated(mesh), adapters))
     else:
-        abstract = abstract_params
+        abstract = _abstract(params, param_shardings)
     directory = workdir / "checkpoints"
     if not directory.is_dir():  # Checkpointer would create the directory: only open one that exists
         raise FileNotFoundError(f"{directory} does not exist: pass the --workdir of a run (and train it).")
@@ -426,11 +427,8 @@ def load_run(config, workdir: str | pathlib.Path):
         return nnx.merge(graphdef, trained), None, step, "workdir"
     base_dir = workdir / BASE_DIR
     if base_dir.is_dir():
-        with Checkpointer(base_dir) as checkpointer:
-            if checkpointer.latest_step() is None:
-                raise FileNotFoundError(f"{base_dir} holds no checkpoint of the run's base params.")
-            base, _, _ = checkpointer.restore({"params": abstract_params}, partial=True)
-        return nnx.merge(graphdef, _as_trained(base["params"], grpo)), trained, step, "workdir"
+        base = nnx.split(restore_base(nnx.merge(graphdef, params), base_dir, param_shardings))[1]
+        return nnx.merge(graphdef, _as_trained(base, grpo)), trained, step, "workdir"
     if saves_base(config):
         raise FileNotFoundError(
             f"{base_dir} not found: the run's base is not config.checkpoint's weights as they are (a random "

@@ -44,6 +44,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from grpo_jax._trees import path_names
+
 PyTree = Any
 
 _STATE = "state"
@@ -70,28 +72,11 @@ def _canonical(dtype: Any) -> np.dtype:
     return jax.dtypes.canonicalize_dtype(dtype)
 
 
-def _path_names(path: tuple) -> tuple[str, ...]:
-    """A pytree key path as names: ['params']['layers'][0].value -> (params, layers, 0, value)."""
-    names = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            names.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            names.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            names.append(entry.name)
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            names.append(str(entry.key))
-        else:
-            raise TypeError(f"unsupported pytree key {entry!r} in {jax.tree_util.keystr(path)}")
-    return tuple(names)
-
-
 def _named_leaves(tree: PyTree, what: str) -> dict[tuple[str, ...], Any]:
     """The leaves of `tree` keyed by their path names, in flattening order."""
     leaves = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = _path_names(path)
+        names = path_names(path)
         if names in leaves:
             raise ValueError(f"{what}: two leaves share the path {'/'.join(names)!r} (e.g. keys 0 and '0'); "
                              "rename one of them.")
@@ -190,7 +175,7 @@ class Checkpointer:
         read from the checkpoint's metadata without loading any array."""
         step = self.latest_step() if step is None else step
         tree = self._manager.metadata(step).item_metadata[_STATE].tree
-        return ["/".join(_path_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        return ["/".join(path_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     def save(self, step: int, state: PyTree, metadata: dict, *, force: bool = False) -> bool:
         """Save the array pytree `state` and the JSON-able `metadata` as one checkpoint at `step`.
@@ -344,7 +329,7 @@ class Checkpointer:
                        partial: bool = False):
         """Raise ValueError naming each path whose presence, shape or dtype differs from the checkpoint."""
         tree = self._manager.metadata(step).item_metadata[_STATE].tree
-        saved = {_path_names(path): meta for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        saved = {path_names(path): meta for path, meta in jax.tree_util.tree_flatten_with_path(tree)[0]}
         missing = ["/".join(p) for p in targets if p not in saved]
         unexpected = [] if partial else ["/".join(p) for p in saved if p not in targets]
         problems = []

@@ -37,16 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grpo_jax._trees import path_names
 from grpo_jax._validation import check_fields
-from grpo_jax.models.hf import iter_safetensors, save_hf_checkpoint, write_safetensors
+from grpo_jax.models.hf import HF_PROJECTIONS, iter_safetensors, save_hf_checkpoint, write_safetensors
 from grpo_jax.models.transformer import Transformer
 
 # LoRA target name -> (block, projection) in the model's param tree: layers.<i>.<block>.<projection>.kernel
 TARGETS = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"), "o": ("attn", "o"),
            "gate": ("mlp", "gate"), "up": ("mlp", "up"), "down": ("mlp", "down")}
 # Hugging Face module names of the targets (PEFT's target_modules).
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+HF_NAMES = {target: HF_PROJECTIONS[path] for target, path in TARGETS.items()}
 
 Adapters = dict[str, dict[str, jax.Array]]
 QUANTIZE = ("", "int8")
@@ -121,13 +121,8 @@ class LoRAConfig:
 
 
 def _names(path: tuple) -> tuple[str, ...]:
-    names = []
-    for entry in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-    return tuple(n for n in names if n != "value")
+    """A param's path names without nnx's trailing "value": ("layers", "0", "attn", "q", "kernel")."""
+    return tuple(n for n in path_names(path) if n != "value")
 
 
 def _adapter_key(names: tuple[str, ...], cfg: LoRAConfig) -> str | None:
@@ -168,10 +163,6 @@ def merge(params: nnx.State, adapters: Adapters, cfg: LoRAConfig) -> nnx.State:
         return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_kernel)
-
-
-def adapter_bytes(adapters: Adapters) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters)))
 
 
 def peft_tensors(adapters: Adapters) -> dict[str, Any]:

@@ -113,7 +113,7 @@ class Trainer:
             self.mesh, cfg.rollout.num_prompts // cfg.updates.num_minibatches)
         options = cfg.step_options()
         self._policy_params = jax.jit(functools.partial(update_lib.policy_params, options=options),
-                                      out_shardings=self.param_shardings)
+                                      out_shardings=self.param_shardings)  # (params, base) -> merged
         self.prepare = jax.jit(functools.partial(update_lib.prepare_batch, graphdef=self.graphdef,
                                                  options=options), out_shardings=batch_sharding)
         self.minibatch = jax.jit(functools.partial(update_lib.minibatch, options=options),
@@ -136,7 +136,8 @@ class Trainer:
     def policy(self, mesh: Mesh | None = None) -> Transformer:
         """The current policy, laid out on `mesh` (default: the training mesh); under LoRA the base with the
         adapters merged in (once per call: the sampler runs on the weights the train step uses)."""
-        params = self.state.params if self.state.base is None else self._policy_params(self.state)
+        s = self.state
+        params = s.params if s.base is None else self._policy_params(s.params, s.base)
         if mesh is not None and mesh is not self.mesh:
             params = jax.device_put(params, sharding.param_shardings(params, mesh))
         return nnx.merge(self.graphdef, params)

@@ -156,11 +156,12 @@ class TrainState(NamedTuple):
     base: nnx.State | None = None  # under LoRA: the frozen base params (and the reference policy)
 
 
-def policy_params(state: TrainState, options: StepOptions) -> nnx.State:
-    """The policy's params: `state.params`, or under LoRA the base with the adapters merged in."""
+def policy_params(params: nnx.State, base: nnx.State | None, options: StepOptions) -> nnx.State:
+    """The policy's params: the trained `params`, or under LoRA (they are the adapters) `base` with them
+    merged in."""
     if options.lora is None:
-        return state.params
-    return lora_lib.merge(state.base, state.params, options.lora)
+        return params
+    return lora_lib.merge(base, params, options.lora)
 
 
 def make_optimizer(cfg: OptimizerConfig, num_updates: int, learning_rate: float | None = None
@@ -235,7 +236,7 @@ def prepare_batch(state: TrainState, ref_params: nnx.State | None, batch: dict[s
         reference = lora_lib.dequantize(state.base) if o.lora is not None else ref_params
         batch["ref_logprobs"] = logprobs(reference)
     if o.needs_old_logprobs:
-        batch["old_logprobs"] = logprobs(policy_params(state, o))
+        batch["old_logprobs"] = logprobs(policy_params(state.params, state.base, o))
     if o.ppo is None:
         a = o.advantages
         batch["advantages"] = advantages_lib.group_advantages(rewards, o.group_size, estimator=a.estimator,
@@ -264,8 +265,7 @@ def _objective(trained, base, graphdef, batch, loss_fn: LossFn, options: StepOpt
     `trained`: the policy's params (and the critic's), or under LoRA the adapters merged into `base`."""
     o = options
     params, critic = trained if o.ppo is not None else (trained, None)
-    if o.lora is not None:
-        params = lora_lib.merge(base, params, o.lora)
+    params = policy_params(params, base, o)
     entropy_coef = o.loss.entropy_coef
     out = completion_logprobs(nnx.merge(graphdef, params), batch["prompt_tokens"], batch["prompt_mask"],
                               batch["completion_tokens"], batch["completion_mask"], temperature=o.temperature,

@@ -28,6 +28,11 @@ from grpo_jax.models.config import ModelConfig, RopeScaling
 from grpo_jax.models.transformer import Transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# (block, projection) of our layers -> the Hugging Face module of a decoder layer.
+HF_PROJECTIONS = {("attn", "q"): "self_attn.q_proj", ("attn", "k"): "self_attn.k_proj",
+                  ("attn", "v"): "self_attn.v_proj", ("attn", "o"): "self_attn.o_proj",
+                  ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj",
+                  ("mlp", "down"): "mlp.down_proj"}
 _REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                          "num_attention_heads")
 
@@ -305,16 +310,14 @@ def _param_map(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
         hf, ours = f"model.layers.{i}.", ("layers", i)
         names[hf + "input_layernorm.weight"] = ((*ours, "attn_norm", "scale"), False)
         names[hf + "post_attention_layernorm.weight"] = ((*ours, "mlp_norm", "scale"), False)
-        for proj in ("q", "k", "v", "o"):
-            names[hf + f"self_attn.{proj}_proj.weight"] = ((*ours, "attn", proj, "kernel"), True)
+        for (block, proj), module in HF_PROJECTIONS.items():
+            names[hf + f"{module}.weight"] = ((*ours, block, proj, "kernel"), True)
         if cfg.qkv_bias:
             for proj in ("q", "k", "v"):
                 names[hf + f"self_attn.{proj}_proj.bias"] = ((*ours, "attn", proj, "bias"), False)
         if cfg.qk_norm:
             names[hf + "self_attn.q_norm.weight"] = ((*ours, "attn", "q_norm", "scale"), False)
             names[hf + "self_attn.k_norm.weight"] = ((*ours, "attn", "k_norm", "scale"), False)
-        for proj in ("gate", "up", "down"):
-            names[hf + f"mlp.{proj}_proj.weight"] = ((*ours, "mlp", proj, "kernel"), True)
     return names
 
 
