@@ -97,10 +97,13 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
     wall = time.perf_counter() - start
     rate = (rate + roofline(mode, core)) / 2  # and right after it
     row = dict(seed=seed, mode=mode, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime,
-               returncode=os.waitstatus_to_exitcode(status), roofline=rate)
+               returncode=os.waitstatus_to_exitcode(status), roofline=rate,
+               peak_rss_mib=usage.ru_maxrss / 1024)  # Linux reports KiB
     if row["returncode"] == 0:
         accuracy = json.loads((rundir / "accuracy.json").read_text())
-        warm = json.loads((rundir / "warm_start.json").read_text())
+        warm_file = rundir / "warm_start.json"  # none when config.warm_start.steps=0
+        warm = (json.loads(warm_file.read_text()) if warm_file.exists()
+                else {"steps": 0, "seconds": 0.0, "accuracy": None})
         row.update(warm_steps=warm["steps"], warm_s=warm["seconds"], warm_accuracy=warm["accuracy"],
                    start=accuracy["start"], end=accuracy["end"], lift=accuracy["end"] - accuracy["start"],
                    examples=accuracy["examples"])
@@ -111,10 +114,11 @@ def run_one(seed: int, mode: str, core: int, workdir: pathlib.Path) -> dict:
 def format_row(row: dict) -> str:
     if row["returncode"]:
         return f"| {row['seed']} | {row['mode']} | failed (exit {row['returncode']}, see its console.log) |"
+    warm_accuracy = "-" if row["warm_accuracy"] is None else f"{row['warm_accuracy']:.1%}"
     return (f"| {row['seed']} | {row['mode']} | {row['warm_steps']} ({row['warm_s']:.0f} s) | "
-            f"{row['warm_accuracy']:.1%} | {row['start']:.1%} | {row['end']:.1%} | "
+            f"{warm_accuracy} | {row['start']:.1%} | {row['end']:.1%} | "
             f"{100 * row['lift']:+.1f} | {row['wall_s']:.0f} s | {row['cpu_s']:.0f} s | "
-            f"{row['roofline']:.0f} |")
+            f"{row['roofline']:.0f} | {row.get('peak_rss_mib', float('nan')):.0f} MiB |")
 
 
 def cpu_model() -> str:
@@ -136,7 +140,8 @@ def main(argv) -> None:
     modes = list(dict.fromkeys(_MODES.value))
     rooflines = {m: [roofline(m)] for m in modes}
     header = ("| seed | mode | warm start steps (time) | warm start acc. | acc. at GRPO start | acc. at end "
-              "| lift (points) | wall | CPU time | roofline GFLOP/s |\n" + "| --- " * 10 + "|")
+              "| lift (points) | wall | CPU time | roofline GFLOP/s | peak host memory |\n"
+              + "| --- " * 11 + "|")
     print(header, flush=True)
     rows = []
     for mode in modes:

@@ -43,7 +43,7 @@ from grpo_jax.data import (
     load_jsonl,
 )
 from grpo_jax.metrics import LOGGERS, plot_metrics, read_jsonl
-from grpo_jax.models import ModelConfig, Transformer, config_from_hf, load_hf_checkpoint
+from grpo_jax.models import ModelConfig, Transformer, is_gguf, load_pretrained, pretrained_config
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.tokenizers import Tokenizer, load_tokenizer
 from grpo_jax.trainer import Trainer, check_same_run, train
@@ -73,7 +73,8 @@ REWARDS = {
 
 
 TASKS = ("arithmetic", "countdown", "gsm8k", "jsonl")
-TEMPLATES = {"plain": PLAIN, "r1_zero": R1_ZERO, "chat": ChatTemplate(system=REASONING_INSTRUCTIONS)}
+TEMPLATES = {"plain": PLAIN, "r1_zero": R1_ZERO, "chat": ChatTemplate(system=REASONING_INSTRUCTIONS),
+             "chat_default": ChatTemplate()}  # the chat template with its own default system message
 # The experiment fields that define a run beyond GRPOConfig: a resume with any of them changed is refused.
 RUN_FIELDS = ("task", "task_args", "template", "tokenizer", "checkpoint", "max_prompt_tokens", "rewards",
               "init_perturbation", "model", "warm_start")
@@ -123,13 +124,14 @@ def check_config(config) -> None:
         ("rewards", config.rewards, bool(config.rewards) and all(
             len(r) == 2 and r[0] in REWARDS and number(r[1]) for r in config.rewards),
          f"must be (name, finite weight) pairs with names from {sorted(REWARDS)}"),
-        ("checkpoint", config.checkpoint, not config.checkpoint or
-         (pathlib.Path(config.checkpoint) / "config.json").is_file(),
-         "is not a Hugging Face model directory (no config.json in it); pass a local directory holding "
-         "config.json and *.safetensors, or \"\" for a random model"),
-        ("tokenizer", config.tokenizer, config.tokenizer in ("", "char") or
-         pathlib.Path(config.tokenizer).is_dir(),
-         "must be \"char\", a local Hugging Face model directory, or \"\" (config.checkpoint's tokenizer)"),
+        ("checkpoint", config.checkpoint, not config.checkpoint or is_gguf(config.checkpoint) or
+         (pathlib.Path(config.checkpoint).expanduser() / "config.json").is_file(),
+         "is neither a .gguf file nor a Hugging Face model directory (no config.json in it); pass a local "
+         ".gguf file, a directory holding config.json and *.safetensors, or \"\" for a random model"),
+        ("tokenizer", config.tokenizer, config.tokenizer in ("", "char") or is_gguf(config.tokenizer) or
+         pathlib.Path(config.tokenizer).expanduser().is_dir(),
+         "must be \"char\", a local Hugging Face model directory, a .gguf file, or \"\" (config.checkpoint's "
+         "tokenizer)"),
     ])
     check_fields("config.warm_start", [
         ("steps", ws.steps, _is_int(ws.steps) and ws.steps >= 0, "must be >= 0 (0: no warm start)"),
@@ -221,7 +223,7 @@ def make_model(config, tokenizer: Tokenizer) -> Transformer:
     """config.checkpoint's model with config.model's fields overriding its config.json (dtypes, remat), or
     without a checkpoint a randomly initialised ModelConfig(**config.model)."""
     if config.checkpoint:
-        model = load_hf_checkpoint(config.checkpoint, **config.model)
+        model = load_pretrained(config.checkpoint, **config.model)
     else:
         model = Transformer(ModelConfig(**config.model), nnx.Rngs(config.seed))
     if config.init_perturbation:
@@ -379,11 +381,10 @@ def restore_base(model: Transformer, directory: pathlib.Path, shardings=None) ->
 
 
 def model_config(config) -> ModelConfig:
-    """The run's ModelConfig, read from config alone (config.checkpoint's config.json with config.model's
-    overrides, or config.model), without loading or initialising any weight."""
+    """The run's ModelConfig, read from config alone (config.checkpoint's config.json or GGUF metadata with
+    config.model's overrides, or config.model), without loading or initialising any weight."""
     if config.checkpoint:
-        hf_config = json.loads((pathlib.Path(config.checkpoint) / "config.json").read_text(encoding="utf-8"))
-        return config_from_hf(hf_config, **config.model)
+        return pretrained_config(config.checkpoint, **config.model)
     return ModelConfig(**config.model)
 
 

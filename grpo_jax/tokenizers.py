@@ -4,7 +4,8 @@
   CharTokenizer   built-in, file-free character vocabulary (< 128 ids) for synthetic tasks
   HFTokenizer     a local Hugging Face model directory (tokenizer.json + tokenizer_config.json), rendered
                   and tokenized exactly as transformers' `apply_chat_template` does
-  load_tokenizer  "char" -> CharTokenizer, a directory -> HFTokenizer; nothing is ever downloaded
+  load_tokenizer  "char" -> CharTokenizer, a directory or a .gguf file -> HFTokenizer; nothing is ever
+                  downloaded
 
 `encode` never adds BOS/EOS: a prompt is built as text first (by a chat template or a plain prompt template,
 which holds any BOS the model expects), then tokenized, as transformers' `apply_chat_template(tokenize=True)`
@@ -279,6 +280,7 @@ class HFTokenizer:
         # one stays undefined (renders as ""), never the string "None".
         tokens = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token)
         self._template_tokens = {k: v for k, v in tokens.items() if v is not None}
+        self._chat_template_source = chat_template
         self._chat_template = None if chat_template is None else _compile_chat_template(chat_template)
 
     def _token_id(self, field: str, token: str) -> int:
@@ -345,6 +347,106 @@ class HFTokenizer:
             extra_stop_ids=eos_token_ids,
         )
 
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> HFTokenizer:
+        """The tokenizer a GGUF file describes in its `tokenizer.*` metadata, as llama.cpp builds it: a
+        byte-level BPE (`tokenizer.ggml.model="gpt2"`) over `tokenizer.ggml.tokens` and `.merges`, split by
+        the pre-tokenizer `tokenizer.ggml.pre` names (GGUF_PRE_TOKENIZERS), with control tokens (token type
+        3) special and user-defined ones (4) matched whole; eos / pad / bos / unk from their `*_token_id`
+        keys (an `eot_token_id` or `eom_token_id` also ends a completion); the chat template from
+        `tokenizer.chat_template`. Raises ValueError naming the file and the key that is missing or
+        unsupported, or a chat template that fails to render."""
+        from grpo_jax.models.gguf import read_gguf  # jax-free until a GGUF is read
+
+        tokenizers = _import("tokenizers")
+        file = read_gguf(path)
+        where = f"{file.path}: metadata key"
+        model = file.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"{where} 'tokenizer.ggml.model'={model!r}: grpo_jax reads byte-level BPE "
+                             "tokenizers ('gpt2', as Llama 3, Qwen and SmolLM use); pass --config.tokenizer= "
+                             "a Hugging Face directory holding the model's tokenizer.json.")
+        pre = file.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"{where} 'tokenizer.ggml.pre'={pre!r} is a pre-tokenizer grpo_jax does not "
+                             f"know; known: {sorted(GGUF_PRE_TOKENIZERS)}. Pass --config.tokenizer= a "
+                             "Hugging Face directory holding the model's tokenizer.json.")
+        tokens = file.require("tokenizer.ggml.tokens", "the vocabulary")
+        merges = file.require("tokenizer.ggml.merges", "the BPE merges")
+        types = file.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise ValueError(f"{where} 'tokenizer.ggml.token_type' has {len(types)} entries for "
+                             f"{len(tokens)} tokens; re-download the file or convert the model again.")
+        split, individual_digits, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
+        vocab = {token: i for i, token in enumerate(tokens)}
+        pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+        backend.pre_tokenizer = _pre_tokenizer(split, individual_digits)
+        backend.decoder = tokenizers.decoders.ByteLevel()
+        added = [tokenizers.AddedToken(token, special=kind == 3, normalized=False)
+                 for token, kind in zip(tokens, types, strict=True) if kind in (3, 4)]
+        backend.add_tokens(added)
+
+        def token(key: str) -> str | None:
+            token_id = file.get(f"tokenizer.ggml.{key}")
+            if token_id is None:
+                return None
+            if not 0 <= int(token_id) < len(tokens):
+                raise ValueError(f"{where} 'tokenizer.ggml.{key}'={token_id} is outside the vocabulary "
+                                 f"[0, {len(tokens)}); re-download the file or convert the model again.")
+            return tokens[int(token_id)]
+
+        eos = token("eos_token_id")
+        if eos is None:
+            raise ValueError(f"{where} 'tokenizer.ggml.eos_token_id' is missing: without it no completion "
+                             "can end; re-download the file or convert the model again.")
+        stops = [vocab[t] for t in (token("eot_token_id"), token("eom_token_id")) if t is not None]
+        tokenizer = cls(backend, eos_token=eos, pad_token=token("padding_token_id"),
+                        bos_token=token("bos_token_id"), unk_token=token("unknown_token_id"),
+                        chat_template=file.get("tokenizer.chat_template"), extra_stop_ids=stops)
+        tokenizer._gguf_fields = {key: file.get(key) for key in file.reader.fields
+                                  if key.startswith("tokenizer.")}
+        if tokenizer._chat_template is not None:
+            try:
+                tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}])
+            except Exception as e:  # noqa: BLE001 - jinja raises many types
+                raise ValueError(f"{where} 'tokenizer.chat_template' fails to render a one-message "
+                                 f"conversation ({type(e).__name__}: {e}); fix the template in the file, or "
+                                 "use a plain prompt template (--config.template=plain).") from None
+        return tokenizer
+
+    def gguf_metadata(self) -> dict[str, Any]:
+        """The `tokenizer.*` GGUF metadata (key -> value) that describes this tokenizer: a GGUF tokenizer's
+        own, or one derived from a byte-level BPE tokenizer.json whose pre-tokenizer GGUF_PRE_TOKENIZERS
+        names."""
+        fields = getattr(self, "_gguf_fields", None)
+        if fields is not None:
+            return dict(fields)
+        state = json.loads(self._backend.to_str())
+        model = state["model"]
+        pre = _gguf_pre_name(self._backend.pre_tokenizer)
+        if model.get("type") != "BPE" or pre is None:
+            raise ValueError("this tokenizer cannot be described in GGUF metadata: grpo_jax writes "
+                             "byte-level BPE tokenizers whose pre-tokenizer is one of "
+                             f"{sorted(GGUF_PRE_TOKENIZERS)}.")
+        tokens = [""] * self.vocab_size
+        for token, i in model["vocab"].items():
+            tokens[i] = token
+        types = [1] * self.vocab_size
+        for entry in state.get("added_tokens", []):
+            tokens[entry["id"]] = entry["content"]
+            types[entry["id"]] = 3 if entry.get("special") else 4
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+                  "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                  "tokenizer.ggml.eos_token_id": self.eos_id, "tokenizer.ggml.padding_token_id": self.pad_id,
+                  "tokenizer.ggml.add_bos_token": False}
+        if self.bos_id is not None:
+            fields["tokenizer.ggml.bos_token_id"] = self.bos_id
+        if self._chat_template_source is not None:
+            fields["tokenizer.chat_template"] = self._chat_template_source
+        return fields
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (`add_special_tokens=False`)."""
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -374,11 +476,61 @@ class HFTokenizer:
             **self._template_tokens)
 
 
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) -> (split regex or None for GPT-2's, digits one by
+# one, ignore_merges: a word already in the vocabulary is one token), as llama.cpp's vocabulary code splits.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
+    "default": (None, False, False),
+    "gpt-2": (None, False, False),
+    "smollm": (None, True, False),
+    "llama-bpe": (_LLAMA3_SPLIT, False, True),
+    "llama3": (_LLAMA3_SPLIT, False, True),
+    "qwen2": (_QWEN2_SPLIT, False, False),
+    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, False),
+}
+
+
+def _pre_tokenizer(split: str | None, individual_digits: bool) -> Any:
+    pre_tokenizers = _import("tokenizers").pre_tokenizers
+    if split is not None:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(_import("tokenizers").Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if individual_digits:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+def _gguf_pre_name(pre_tokenizer: Any) -> str | None:
+    """The GGUF_PRE_TOKENIZERS name whose pre-tokenizer splits as `pre_tokenizer` does, or None."""
+    if pre_tokenizer is None:
+        return None
+
+    def state(p: Any) -> Any:
+        value = json.loads(p.__getstate__())
+        for step in [value, *value.get("pretokenizers", [])]:
+            step.pop("trim_offsets", None)  # offsets only, never the ids
+        return value
+
+    own = state(pre_tokenizer)
+    for name, (split, digits, _) in GGUF_PRE_TOKENIZERS.items():
+        if state(_pre_tokenizer(split, digits)) == own:
+            return name
+    return None
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """`spec` "char" -> CharTokenizer(); otherwise a local model directory -> HFTokenizer.from_dir(spec)."""
+    """`spec` "char" -> CharTokenizer(); a .gguf file -> HFTokenizer.from_gguf(spec); otherwise a local model
+    directory -> HFTokenizer.from_dir(spec)."""
     if spec == "char":
         return CharTokenizer()
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return HFTokenizer.from_gguf(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer={spec!r} is neither 'char' nor a local directory; pass 'char' or the path of a "

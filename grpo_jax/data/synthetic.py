@@ -47,12 +47,17 @@ def _no_problem_in_split(task: object) -> ValueError:
                       "empty: raise test_fraction (or digits / max_target) to make it larger.")
 
 
+def _digit_range(digits: int) -> tuple[int, int]:
+    """The smallest and largest integer of exactly `digits` digits (0-9 for one digit)."""
+    return (10 ** (digits - 1) if digits > 1 else 0), 10**digits - 1
+
+
 class ArithmeticTask(Sequence):
     """`size` problems "What is a <op> b?", answer the exact integer result as a string.
 
-    Operands have exactly `digits` digits (0-9 when digits=1). For "/" the divisor and the quotient have
-    `digits` digits and the dividend is their product, so every division is exact. "-" may give negative
-    answers. Fields: "prompt", "answer", "op", "operands" ([a, b]).
+    Operands have exactly `digits` digits (0-9 when digits=1); with `second_digits`, b has that many. For
+    "/" the divisor and the quotient have `digits` digits and the dividend is their product, so every
+    division is exact. "-" may give negative answers. Fields: "prompt", "answer", "op", "operands" ([a, b]).
 
     Split: the unordered operand pair {a, b} decides it, whatever the operator or order, so a test pair never
     appears in train (not as b + a, nor as a * b).
@@ -63,6 +68,7 @@ class ArithmeticTask(Sequence):
         digits: int = 3,
         ops: Sequence[str] = ("+",),
         split: str = "train",
+        second_digits: int | None = None,
         seed: int = 0,
         size: int = 10_000,
         test_fraction: float = 0.1,
@@ -70,15 +76,20 @@ class ArithmeticTask(Sequence):
         _check_common(split, size, test_fraction)
         if digits < 1:
             raise ValueError(f"digits={digits} must be >= 1.")
+        if second_digits is not None and (second_digits < 1 or "/" in ops):
+            raise ValueError(f"second_digits={second_digits} must be >= 1 (or None: b has `digits` digits), "
+                             "and ops may not include '/' with it.")
         if not ops or any(op not in ARITHMETIC_OPS for op in ops):
             raise ValueError(f"ops={tuple(ops)} must be a non-empty subset of {ARITHMETIC_OPS}.")
         self.digits, self.ops, self.split, self.seed = digits, tuple(ops), split, seed
         self.size, self.test_fraction = size, test_fraction
-        self._low = 10 ** (digits - 1) if digits > 1 else 0
-        self._high = 10**digits - 1
+        self.second_digits = second_digits
+        self._low, self._high = _digit_range(digits)
+        self._second = _digit_range(second_digits or digits)
 
     def __repr__(self) -> str:
-        return (f"ArithmeticTask(digits={self.digits}, ops={self.ops}, split={self.split!r}, "
+        return (f"ArithmeticTask(digits={self.digits}, second_digits={self.second_digits}, ops={self.ops}, "
+                f"split={self.split!r}, "
                 f"seed={self.seed}, size={self.size}, test_fraction={self.test_fraction})")
 
     def __len__(self) -> int:
@@ -94,7 +105,7 @@ class ArithmeticTask(Sequence):
                 result = rng.randint(self._low, self._high)  # the quotient
                 a, b = divisor * result, divisor
             else:
-                a, b = rng.randint(self._low, self._high), rng.randint(self._low, self._high)
+                a, b = rng.randint(self._low, self._high), rng.randint(*self._second)
                 result = {"+": operator.add, "-": operator.sub, "*": operator.mul}[op](a, b)
             if split_of(f"{min(a, b)},{max(a, b)}", self.test_fraction) == self.split:
                 return {"prompt": f"What is {a} {op} {b}?", "answer": str(result), "op": op,

@@ -1,7 +1,9 @@
-"""Flax NNX decoder family (Llama 3.x / Qwen2 / Qwen3), KV cache, Hugging Face import/export."""
+"""Flax NNX decoder family (Llama 3.x / Qwen2 / Qwen3), KV cache, Hugging Face and GGUF import/export."""
 
 from grpo_jax.models.config import ModelConfig, RopeScaling
+from grpo_jax.models.gguf import config_from_gguf, load_gguf_checkpoint, read_gguf, save_gguf_checkpoint
 from grpo_jax.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
+from grpo_jax.models.pretrained import is_gguf, load_pretrained, pretrained_config
 from grpo_jax.models.transformer import (
     KV,
     Cache,
@@ -21,11 +23,18 @@ __all__ = [
     "RopeScaling",
     "Transformer",
     "causal_mask",
+    "config_from_gguf",
     "config_from_hf",
     "config_to_hf",
     "forward_logits",
     "init_cache",
+    "is_gguf",
+    "load_gguf_checkpoint",
     "load_hf_checkpoint",
+    "load_pretrained",
     "positions_from_mask",
+    "pretrained_config",
+    "read_gguf",
+    "save_gguf_checkpoint",
     "save_hf_checkpoint",
 ]
