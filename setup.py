@@ -25,6 +25,7 @@ setup(
         "jinja2>=3.1",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "gguf>=0.10",  # llama.cpp's GGUF reader, writer and (de)quantizers (numpy)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.15",

@@ -1,7 +1,13 @@
 """Flax NNX decoder family (Llama 3.x / Qwen2 / Qwen3), KV cache, Hugging Face and GGUF import/export."""
 
 from grpo_jax.models.config import ModelConfig, RopeScaling
-from grpo_jax.models.gguf import config_from_gguf, load_gguf_checkpoint, read_gguf, save_gguf_checkpoint
+from grpo_jax.models.gguf import (
+    WRITE_TYPES,
+    config_from_gguf,
+    load_gguf_checkpoint,
+    read_gguf,
+    save_gguf_checkpoint,
+)
 from grpo_jax.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
 from grpo_jax.models.pretrained import is_gguf, load_pretrained, pretrained_config
 from grpo_jax.models.transformer import (
@@ -16,6 +22,7 @@ from grpo_jax.models.transformer import (
 )
 
 __all__ = [
+    "WRITE_TYPES",
     "KV",
     "Cache",
     "ModelConfig",

@@ -300,10 +300,17 @@ def save_gguf_checkpoint(model: Transformer, path: str | pathlib.Path, tokenizer
     writer.close()
 
 
+def _value_type(gguf: Any, value: Any) -> Any:
+    T = gguf.GGUFValueType
+    return {str: T.STRING, bool: T.BOOL, int: T.UINT32, float: T.FLOAT32}[type(value)]
+
+
 def _sub_type(gguf: Any, kind: Any, value: Any) -> Any:
     if kind != gguf.GGUFValueType.ARRAY:
         return None
-    return gguf.GGUFValueType.STRING if isinstance(value[0], str) else gguf.GGUFValueType.INT32
+    if isinstance(value[0], int):
+        return gguf.GGUFValueType.INT32  # token types, as llama.cpp writes them
+    return _value_type(gguf, value[0])
 
 
 def tokenizer_fields(tokenizer: Any) -> dict[str, tuple[Any, Any]]:
@@ -313,10 +320,5 @@ def tokenizer_fields(tokenizer: Any) -> dict[str, tuple[Any, Any]]:
     if describe is None:
         raise ValueError(f"a {type(tokenizer).__name__} cannot be written into a GGUF file; export a model "
                          "whose tokenizer is a Hugging Face or GGUF tokenizer (HFTokenizer).")
-    T = gguf.GGUFValueType
-    kinds = {str: T.STRING, bool: T.BOOL, int: T.UINT32}
-    fields = {}
-    for key, value in describe().items():
-        kind = T.ARRAY if isinstance(value, list) else kinds[type(value)]
-        fields[key] = (kind, value)
-    return fields
+    return {key: (gguf.GGUFValueType.ARRAY if isinstance(value, list) else _value_type(gguf, value), value)
+            for key, value in describe().items() if not isinstance(value, list) or value}
