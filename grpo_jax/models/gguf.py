@@ -163,6 +163,11 @@ def config_from_gguf(file: GGUFFile, **overrides) -> ModelConfig:
         qkv_bias="blk.0.attn_q.bias" in file.tensors,
         qk_norm=arch == "qwen3",
     )
+    tokens = file.reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != embedding_rows:
+        raise ValueError(f"{file.path}: metadata key 'tokenizer.ggml.tokens' holds {len(tokens.data)} tokens "
+                         f"but tensor 'token_embd.weight' has {embedding_rows} rows; the tokenizer is not "
+                         f"this model's: {_REDOWNLOAD}.")
     declared = file.get(f"{arch}.vocab_size")
     if declared is not None and int(declared) != embedding_rows:
         raise ValueError(f"{file.path}: {arch}.vocab_size={declared} but tensor 'token_embd.weight' has "

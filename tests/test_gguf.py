@@ -1,0 +1,219 @@
+"""GGUF in and out on tiny random models of each architecture (llama, qwen2, qwen3), and bad GGUF files:
+each refused with the file, the tensor or metadata key, and the fix, before any weight is used."""
+
+import dataclasses
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from grpo_jax.models import (
+    ModelConfig,
+    Transformer,
+    forward_logits,
+    load_gguf_checkpoint,
+    load_pretrained,
+    read_gguf,
+    save_gguf_checkpoint,
+)
+from grpo_jax.models.gguf import gguf_name
+from grpo_jax.tokenizers import HFTokenizer, load_tokenizer
+
+VOCAB = 96  # the tiny tokenizer's: 2 special tokens and 94 printable byte-level characters
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+class TinyTokenizer:
+    """Just the `tokenizer.*` metadata of a byte-level BPE over printable ASCII with 3 merges."""
+
+    def __init__(self, **changes):
+        tokens = ["<|im_start|>", "<|im_end|>"] + [chr(c) for c in range(33, 127)]
+        tokens[-3:] = ["Ġ", "Ġt", "he"]  # replace the last three characters by a space and two merges
+        self.fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+                       "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
+                       "tokenizer.ggml.merges": ["Ġ t", "h e"], "tokenizer.ggml.eos_token_id": 1,
+                       "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.padding_token_id": 1,
+                       "tokenizer.chat_template": CHATML}
+        self.fields.update(changes)
+        self.fields = {k: v for k, v in self.fields.items() if v is not None}
+
+    def gguf_metadata(self):
+        return dict(self.fields)
+
+
+def tiny(arch: str, vocab: int = VOCAB) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, rope_theta=5e4, rms_norm_eps=1e-5,
+                      max_position_embeddings=64, tie_word_embeddings=arch == "qwen2",
+                      qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    # Norm scales and biases away from their 1 / 0 initial values, so a mix-up of any two would show.
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape) if x.ndim == 1 else x,
+                          params)
+    return nnx.merge(graphdef, params)
+
+
+def logits(model, ids=(3, 17, 40, 41, 60, 5, 9)):
+    tokens = jnp.asarray([ids])
+    return np.asarray(forward_logits(model, tokens, jnp.ones_like(tokens, bool)))
+
+
+def flat(model):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+        nnx.split(model)[1])}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_f32_round_trip_is_exact_and_keeps_config_and_tokenizer(tmp_path, arch):
+    model = tiny(arch)
+    path = tmp_path / "m.gguf"
+    save_gguf_checkpoint(model, path, TinyTokenizer(), file_type="F32")
+    assert read_gguf(path).architecture == arch
+    back = load_gguf_checkpoint(path)
+    # GGUF stores floats as float32: the epsilon comes back as float32(1e-5).
+    assert back.config == dataclasses.replace(model.config, rms_norm_eps=float(np.float32(1e-5)))
+    for name, value in flat(model).items():
+        np.testing.assert_array_equal(flat(back)[name], value, err_msg=name)
+    np.testing.assert_array_equal(logits(back), logits(model))
+    tokenizer = load_tokenizer(str(path))
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == VOCAB
+    assert tokenizer.encode(" the") == [94, 95]  # "Ġ t" then "h e": two merged tokens
+    assert tokenizer.decode(tokenizer.encode("<|im_start|>x the<|im_end|>"), skip_special=False) == \
+        "<|im_start|>x the<|im_end|>"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_llama_q_and_k_rows_are_stored_in_llama_cpp_order(tmp_path):
+    """llama.cpp pairs rotary dimensions (2i, 2i+1) where grpo_jax (and Hugging Face) pair (i, i + Dh/2):
+    the file holds the permuted rows, which loading undoes."""
+    model = tiny("llama")
+    save_gguf_checkpoint(model, tmp_path / "m.gguf", TinyTokenizer(), file_type="F32")
+    stored = read_gguf(tmp_path / "m.gguf").tensors["blk.0.attn_k.weight"]
+    rows = np.asarray(stored.data).reshape(-1, 64)  # [out, in] = [2 kv heads * 32, 64]
+    ours = np.asarray(model.layers[0].attn.k.kernel[...]).T  # [out, in], rotate-half order
+    head = ours[:32]
+    np.testing.assert_array_equal(rows[0], head[0])
+    np.testing.assert_array_equal(rows[1], head[16])  # the partner of dimension 0 is dimension Dh/2
+    np.testing.assert_array_equal(rows[2], head[1])
+    np.testing.assert_array_equal(rows[32 + 1], ours[32 + 16])
+
+
+@pytest.mark.parametrize("file_type", ["F16", "BF16", "Q8_0"])
+def test_quantized_export_holds_exactly_the_quantized_weights(tmp_path, file_type):
+    """Each matrix reads back as gguf's own quantize -> dequantize of the trained one (1-D tensors stay
+    F32); the logits move by the quantization's error only."""
+    model = tiny("qwen2")
+    save_gguf_checkpoint(model, tmp_path / "m.gguf", TinyTokenizer(), file_type=file_type)
+    file = read_gguf(tmp_path / "m.gguf")
+    qtype = gguf.GGMLQuantizationType[file_type]
+    back = load_gguf_checkpoint(tmp_path / "m.gguf")
+    kernel = np.asarray(model.layers[1].mlp.up.kernel[...]).T  # [out, in] as stored
+    expected = gguf.quants.dequantize(gguf.quants.quantize(kernel, qtype), qtype)
+    np.testing.assert_array_equal(np.asarray(back.layers[1].mlp.up.kernel[...]).T, expected)
+    assert file.tensors[gguf_name("model.layers.1.mlp.up_proj.weight")].tensor_type == qtype
+    assert file.tensors["blk.1.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    error = np.abs(logits(back) - logits(model)).max()
+    bound = {"F16": 1e-2, "BF16": 1e-1, "Q8_0": 1e-1}[file_type]
+    assert 0 < error < bound
+
+
+def test_load_pretrained_takes_a_directory_or_a_gguf(tmp_path):
+    from grpo_jax.models import save_hf_checkpoint
+
+    model = tiny("qwen3")
+    save_hf_checkpoint(model, tmp_path / "hf")
+    save_gguf_checkpoint(load_pretrained(tmp_path / "hf"), tmp_path / "m.gguf", TinyTokenizer(), "F32")
+    np.testing.assert_array_equal(logits(load_pretrained(tmp_path / "m.gguf")), logits(model))
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def write(tmp_path, arch="llama", name="m.gguf", **tokenizer_changes):
+    path = tmp_path / name
+    save_gguf_checkpoint(tiny(arch), path, TinyTokenizer(**tokenizer_changes), file_type="F32")
+    return path
+
+
+def rewrite(path, out, *, drop_tensor=None, retype=None, metadata=None):
+    """A copy of the GGUF at `path` with a tensor dropped or given another type, or metadata changed."""
+    file = read_gguf(path)
+    writer = gguf.GGUFWriter(str(out), metadata.pop("general.architecture", file.architecture) if metadata
+                             else file.architecture)
+    for key, field in file.reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = (metadata or {}).get(key, field.contents())
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub)
+    for tensor in file.reader.tensors:
+        if tensor.name == drop_tensor:
+            continue
+        if tensor.name == retype:
+            kind = gguf.GGMLQuantizationType.IQ2_XXS
+            shape = gguf.quants.quant_shape_to_byte_shape((64, 256), kind)
+            writer.add_tensor(tensor.name, np.zeros(shape, np.uint8), raw_dtype=kind)
+            continue
+        writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_not_a_gguf_and_truncated_files_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "x.gguf").write_text("{\"not\": \"gguf\"}")
+    with pytest.raises(ValueError, match=r"x\.gguf is not a GGUF file .* pass a \.gguf file"):
+        load_gguf_checkpoint(tmp_path / "x.gguf")
+    path = write(tmp_path)
+    data = path.read_bytes()
+    for cut, message in ((len(data) - 1000, "is truncated"), (300, "header cannot be read")):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=f"cut.gguf.*{message}.*re-download"):
+            load_gguf_checkpoint(tmp_path / "cut.gguf")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+def test_unsupported_architecture_and_tensor_type_are_refused(tmp_path):
+    path = write(tmp_path)
+    other = rewrite(path, tmp_path / "arch.gguf", metadata={"general.architecture": "gpt2"})
+    with pytest.raises(ValueError, match=r"general\.architecture='gpt2' is not supported.*llama"):
+        load_gguf_checkpoint(other)
+    retyped = rewrite(path, tmp_path / "iq.gguf", retype="blk.0.ffn_up.weight")
+    with pytest.raises(ValueError, match=r"tensor 'blk\.0\.ffn_up\.weight' is of type IQ2_XXS.*Q8_0"):
+        load_gguf_checkpoint(retyped)
+    dropped = rewrite(path, tmp_path / "drop.gguf", drop_tensor="blk.1.attn_v.weight")
+    with pytest.raises(ValueError, match=r"missing tensors \['blk\.1\.attn_v\.weight'\]"):
+        load_gguf_checkpoint(dropped)
+
+
+def test_missing_tokenizer_metadata_and_a_broken_chat_template_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.merges' \(the BPE merges\) is missing"):
+        load_tokenizer(str(write(tmp_path, name="a.gguf", **{"tokenizer.ggml.merges": None})))
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.eos_token_id' is missing"):
+        load_tokenizer(str(write(tmp_path, name="b.gguf", **{"tokenizer.ggml.eos_token_id": None})))
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.model'='llama'.*--config\.tokenizer="):
+        load_tokenizer(str(write(tmp_path, name="c.gguf", **{"tokenizer.ggml.model": "llama"})))
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.pre'='mystery'.*known"):
+        load_tokenizer(str(write(tmp_path, name="d.gguf", **{"tokenizer.ggml.pre": "mystery"})))
+    broken = "{{ messages[3]['content'] }}"  # fails for a one-message conversation
+    with pytest.raises(ValueError, match=r"'tokenizer\.chat_template' fails to render.*template=plain"):
+        load_tokenizer(str(write(tmp_path, name="e.gguf", **{"tokenizer.chat_template": broken})))
+
+
+def test_a_vocabulary_that_is_not_the_models_is_refused(tmp_path):
+    short = TinyTokenizer().fields["tokenizer.ggml.tokens"][:-6]
+    path = write(tmp_path, **{"tokenizer.ggml.tokens": short,
+                              "tokenizer.ggml.token_type": [3, 3] + [1] * (len(short) - 2)})
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.tokens' holds 90 tokens but tensor "
+                                         r"'token_embd\.weight' has 96 rows"):
+        load_gguf_checkpoint(path)
