@@ -164,3 +164,45 @@ def test_main_command_trains_smollm2_from_the_gguf(tmp_path):
                        - np.asarray(getattr(before.layers[0].attn, name).kernel[...])).max()
         assert 1e-6 < moved < 1e-2, name
     assert not np.array_equal(np.asarray(trained.embed[...]), np.asarray(before.embed[...]))
+
+
+def transformers_model(path: pathlib.Path):
+    """transformers' own GGUF loader (dequantized to float32), where torch is installed."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32)
+    return torch, model.eval()
+
+
+def test_live_logits_equal_transformers(tokenizer, model):
+    torch, theirs = transformers_model(GGUF)
+    for text in REFERENCE["chat_texts"][:8]:
+        ids = tokenizer.encode(text)
+        with torch.no_grad():
+            expected = theirs(torch.tensor([ids])).logits[0].numpy()
+        tokens = jnp.asarray([ids])
+        got = np.asarray(forward_logits(model, tokens, jnp.ones_like(tokens, bool)))[0]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=3e-4)
+
+
+def test_exported_gguf_reads_back_in_transformers_as_in_grpo_jax(tmp_path, tokenizer, model):
+    """The F16 GGUF grpo_jax writes is read by another implementation (transformers' GGUF loader) into
+    the same model: the same logits as grpo_jax's reading of it, and the F16 rounding of the original's."""
+    from grpo_jax.models import save_gguf_checkpoint
+
+    path = tmp_path / "exported" / "model.gguf"
+    path.parent.mkdir()
+    save_gguf_checkpoint(model, path, tokenizer, file_type="F16")
+    torch, theirs = transformers_model(path)
+    ours = load_pretrained(path)
+    ids = tokenizer.encode(REFERENCE["chat_texts"][0])
+    with torch.no_grad():
+        expected = theirs(torch.tensor([ids])).logits[0].numpy()
+    tokens = jnp.asarray([ids])
+    got = np.asarray(forward_logits(ours, tokens, jnp.ones_like(tokens, bool)))[0]
+    original = np.asarray(forward_logits(model, tokens, jnp.ones_like(tokens, bool)))[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-4)
+    assert np.abs(got - original).max() < 0.1  # F16 weights
+    assert (got.argmax(-1) == original.argmax(-1)).mean() > 0.95
