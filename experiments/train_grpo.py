@@ -80,6 +80,9 @@ RUN_FIELDS = ("task", "task_args", "template", "tokenizer", "checkpoint", "max_p
               "init_perturbation", "model", "warm_start")
 
 
+EVAL_KEY = "eval/greedy_accuracy"  # the held-out accuracy in metrics.jsonl (config.eval_every)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -109,6 +112,9 @@ def check_config(config) -> None:
          "must be >= 0 (0: no sample completions)"),
         ("eval_examples", config.eval_examples, _is_int(config.eval_examples) and config.eval_examples >= 0,
          "must be >= 0 (0: no held-out evaluation)"),
+        ("eval_every", config.get("eval_every", 0), _is_int(config.get("eval_every", 0)) and
+         config.get("eval_every", 0) >= 0, "must be >= 0 (GRPO steps between held-out evaluations; 0: at "
+         "the start and the end only)"),
         ("eval_batch_prompts", config.eval_batch_prompts,
          _is_int(config.eval_batch_prompts) and config.eval_batch_prompts >= 1, "must be >= 1"),
         ("max_prompt_tokens", config.max_prompt_tokens,
@@ -497,17 +503,23 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
         if jax.process_index() == 0:
             write_json(start_file, {"greedy_accuracy": start})
     stop = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
-    train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-          sample_every=config.sample_every, loggers=config.loggers, run_name=workdir.name,
-          run_config=config.to_dict())
+    eval_every = config.get("eval_every", 0) if config.eval_examples else 0  # older configs lack the field
+
+    def evaluate() -> dict[str, float]:
+        return {EVAL_KEY: held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)}
+
+    history = train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every,
+                    log_every=config.log_every, sample_every=config.sample_every, loggers=config.loggers,
+                    run_name=workdir.name, run_config=config.to_dict(), evaluate=evaluate,
+                    eval_every=eval_every)
     # Every process evaluates (the sampler's batch is sharded over all of them); process 0 reports.
     end = None
-    if config.eval_examples:
-        end = held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
+    if config.eval_examples:  # the last step's evaluation when it had one
+        end = history[-1][EVAL_KEY] if history and EVAL_KEY in history[-1] else evaluate()[EVAL_KEY]
     if jax.process_index() != 0:
         return
     records = read_jsonl(workdir / "metrics.jsonl")
-    keys = [k for k in ("reward_mean", "reward/accuracy", "kl", "completion_length_mean")
+    keys = [k for k in ("reward_mean", "reward/accuracy", EVAL_KEY, "kl", "completion_length_mean")
             if any(k in r for r in records)]
     plot_metrics(records, keys, workdir / "plots.png", title=workdir.name)
     first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])

@@ -21,7 +21,7 @@ import functools
 import json
 import pathlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -281,14 +281,19 @@ def check_same_run(metadata: dict, cfg: GRPOConfig, fingerprint: dict, directory
 def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, checkpoint_every: int = 10,
           log_every: int = 1, sample_every: int = 0, decode: Callable[[Sequence[int]], str] | None = None,
           print_fn: Callable[[str], object] = print, loggers: Sequence[str] = ("tensorboard",),
-          run_name: str | None = None, run_config: dict | None = None) -> list[dict[str, float]]:
+          run_name: str | None = None, run_config: dict | None = None,
+          evaluate: Callable[[], Mapping[str, float]] | None = None, eval_every: int = 0,
+          ) -> list[dict[str, float]]:
     """Run `trainer` to `num_steps`, resuming from `workdir`'s latest checkpoint: running the same command
     again after a crash continues where the last checkpoint left off. Writes `workdir/checkpoints/`,
     `workdir/metrics.jsonl` and, per `loggers` ("tensorboard", "wandb"), TensorBoard events and a Weights &
     Biases run named `run_name` with `run_config` (from process 0); with `sample_every`, also a few
     completions every that many steps (and at the first) to `workdir/samples.jsonl` and the console,
-    decoded by `decode` (default: the dataset's tokenizer). A fresh run saves its starting point as step 0.
-    Returns this call's step metrics."""
+    decoded by `decode` (default: the dataset's tokenizer). With `eval_every`, `evaluate()` (e.g. the
+    held-out accuracy of `trainer.policy()`) runs after every that many steps and its metrics join that
+    step's. A fresh run saves its starting point as step 0. Returns this call's step metrics."""
+    if eval_every and evaluate is None:
+        raise ValueError("train(eval_every=...) needs evaluate=, a function returning {metric: value}.")
     workdir = pathlib.Path(workdir)
     if sample_every and decode is None:
         tokenizer = getattr(trainer.dataset, "tokenizer", None)
@@ -313,6 +318,8 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
                          "process; cached on disk when JAX's compilation cache is on) ...")
                 start = time.perf_counter()
             history.append(trainer.iteration())
+            if eval_every and trainer.step % eval_every == 0:
+                history[-1].update(evaluate())
             if len(history) == 1:
                 print_fn(f"step {trainer.step}: first step took {time.perf_counter() - start:.1f} s, "
                          "compilation included")

@@ -127,7 +127,8 @@ def test_main_command_trains_smollm2_from_the_gguf(tmp_path):
     # 1-digit products, which the model gets right about half the time in a few tokens: every group of
     # 4 samples is then likely to hold a right and a wrong answer, so the update has a gradient.
     overrides = {"checkpoint": GGUF, "num_steps": 2, "checkpoint_every": 2, "sample_every": 1,
-                 "eval_examples": 4, "eval_batch_prompts": 4, "task_args.digits": 1, "rollout.num_prompts": 2,
+                 "eval_every": 2, "eval_examples": 4, "eval_batch_prompts": 4, "task_args.digits": 1,
+                 "rollout.num_prompts": 2,
                  "updates.grad_accum_steps": 2, "sampling.group_size": 4, "sampling.max_new_tokens": 12,
                  "optimizer.learning_rate": 1e-4}
     command = [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
@@ -149,6 +150,9 @@ def test_main_command_trains_smollm2_from_the_gguf(tmp_path):
                for r in samples)
     accuracy = json.loads((tmp_path / "accuracy.json").read_text())
     assert accuracy["examples"] == 4 and 0 <= accuracy["start"] <= 1 and 0 <= accuracy["end"] <= 1
+    # config.eval_every=2: step 2's held-out evaluation is in its metrics, and is the end accuracy.
+    assert "eval/greedy_accuracy" not in records[0]
+    assert records[1]["eval/greedy_accuracy"] == accuracy["end"]
 
     cfg = smollm2_multiply.get_config()
     cfg.unlock()

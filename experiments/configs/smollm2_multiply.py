@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loggers = ("tensorboard",)
     config.sample_every = 10
     config.eval_examples = 300  # distinct held-out problems (the test split has ~360; none is trained on)
+    config.eval_every = 10  # their greedy accuracy every 10 steps, in metrics.jsonl and plots.png
     config.eval_batch_prompts = 100
     config.mesh_shape = "-1,1,1"
     config.rollout_mesh_shape = ""
