@@ -2,6 +2,7 @@ r"""Evaluate a trained policy: greedy accuracy, pass@k and maj@k on a split of t
 
   python experiments/evaluate.py --config=experiments/configs/arithmetic_tiny.py --workdir=/tmp/grpo
   python experiments/evaluate.py --config=... --workdir=... --split=test --num_samples=16 --ks=1,4,16
+  python experiments/evaluate.py --config=... --workdir=... --show=8   # and 8 problems' greedy answers
 
 Pass the config the run trained with (with the same overrides): the model is built as training built it and
 only the policy's params (under LoRA its adapters, merged into the base) are read from the workdir's latest
@@ -21,9 +22,9 @@ from absl import app, flags, logging
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
 from train_grpo import grpo_config, load_run, make_examples, make_model, make_template, make_tokenizer
 
-from grpo_jax import lora
+from grpo_jax import lora, rewards
 from grpo_jax.data import TokenizedDataset
-from grpo_jax.evaluation import evaluate
+from grpo_jax.evaluation import evaluate, greedy_completions
 
 _SPLIT = flags.DEFINE_string("split", "test", "Split of config.task to evaluate on.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 200, "The first this many examples of the split.")
@@ -31,6 +32,8 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Samples per prompt for pa
 _KS = flags.DEFINE_list("ks", ["1", "4", "8"], "The k of pass@k and maj@k, each <= num_samples.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Temperature of the sampled completions.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's sampling keys.")
+_SHOW = flags.DEFINE_integer("show", 0, "Print the greedy completions of the split's first this many "
+                             "problems, each marked right or wrong.")
 
 
 def main(argv) -> None:
@@ -63,6 +66,13 @@ def main(argv) -> None:
                        buckets=buckets)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
+    shown = [dataset[i] for i in range(min(_SHOW.value, len(dataset)))]
+    if shown:
+        texts = greedy_completions(model, shown, tokenizer, max_new_tokens=grpo.sampling.max_new_tokens,
+                                   buckets=buckets)
+        right = rewards.accuracy_reward([], texts, answer=[e["answer"] for e in shown])
+        for example, text, score in zip(shown, texts, right, strict=True):
+            print(f"{'right' if score else 'wrong'} | {example['prompt']} -> {text!r}")
     result = {**metrics, "step": step, "split": _SPLIT.value, "num_examples": len(dataset),
               "num_samples": _NUM_SAMPLES.value, "temperature": _TEMPERATURE.value}
     path = workdir / f"eval_{_SPLIT.value}.json"

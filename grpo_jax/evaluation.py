@@ -132,3 +132,15 @@ def evaluate(
     return {"greedy_accuracy": float(np.mean(greedy)),
             **{f"pass@{k}": float(np.mean(passes[k])) for k in ks},
             **{f"maj@{k}": float(np.mean(majorities[k])) for k in ks}}
+
+
+def greedy_completions(model: Transformer, dataset: Sequence[dict], tokenizer: Tokenizer, *,
+                       max_new_tokens: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[str]:
+    """The decoded greedy completion of every example of `dataset` (one sampler call), e.g. to show the
+    same prompts' answers before and after training."""
+    cfg = SamplingConfig(group_size=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                         stop_tokens=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id,
+                         buckets=tuple(buckets), vocab_limit=tokenizer.vocab_size)
+    out = sample(model, [e["prompt_tokens"] for e in dataset], jax.random.key(0), cfg)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    return [tokenizer.decode(row[:length].tolist()) for row, length in zip(tokens, lengths, strict=True)]

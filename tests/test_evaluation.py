@@ -173,6 +173,9 @@ def test_evaluate_on_a_tiny_model_matches_a_hand_recomputation():
             correct.append(rewards.extract_answer(TOKENIZER.decode(row[:length].tolist()))
                            == Fraction(e["answer"]))
     assert metrics["greedy_accuracy"] == pytest.approx(np.mean(correct))
+    texts = evaluation.greedy_completions(model, dataset, TOKENIZER, max_new_tokens=4, buckets=(16,))
+    right = rewards.accuracy_reward([], texts, answer=[e["answer"] for e in dataset])
+    assert len(texts) == 8 and np.mean(right) == pytest.approx(metrics["greedy_accuracy"])
 
 
 def test_evaluate_script_reads_the_training_checkpoint(tmp_path):
@@ -185,12 +188,14 @@ def test_evaluate_script_reads_the_training_checkpoint(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "evaluate.py"), config, f"--workdir={tmp_path}",
-         "--num_examples=8", "--num_samples=4", "--ks=1,4", "--config.num_steps=1",
+         "--num_examples=8", "--num_samples=4", "--ks=1,4", "--show=3", "--config.num_steps=1",
          "--config.rollout.num_prompts=4", "--config.warm_start.steps=0"],
         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluating the checkpoint of step 1" in done.stdout
     assert "greedy_accuracy: " in done.stdout and "maj@4: " in done.stdout
+    shown = [line for line in done.stdout.splitlines() if line.startswith(("right | ", "wrong | "))]
+    assert len(shown) == 3 and all(" -> " in line and "What is " in line for line in shown)
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert set(result) == {"greedy_accuracy", "pass@1", "pass@4", "maj@1", "maj@4", "step", "split",
                            "num_examples", "num_samples", "temperature"}
