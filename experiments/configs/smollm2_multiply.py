@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.init_perturbation = 0.0  # std of noise added to the initial params (robustness checks)
-    config.num_steps = 40
+    config.num_steps = 60
     config.checkpoint_every = 10
     config.log_every = 1
     config.loggers = ("tensorboard",)
