@@ -380,7 +380,13 @@ class HFTokenizer:
         split, individual_digits, ignore_merges = GGUF_PRE_TOKENIZERS[pre]
         vocab = {token: i for i, token in enumerate(tokens)}
         pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-        backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, pairs, ignore_merges=ignore_merges))
+        try:
+            bpe = tokenizers.models.BPE(vocab, pairs, ignore_merges=ignore_merges)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+            raise ValueError(f"{where}s 'tokenizer.ggml.tokens' and 'tokenizer.ggml.merges' do not form a "
+                             f"BPE vocabulary ({e}); re-download the file or convert the model "
+                             "again.") from None
+        backend = tokenizers.Tokenizer(bpe)
         backend.pre_tokenizer = _pre_tokenizer(split, individual_digits)
         backend.decoder = tokenizers.decoders.ByteLevel()
         added = [tokenizers.AddedToken(token, special=kind == 3, normalized=False)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import train_grpo  # noqa: E402
 from configs_for_tests import default_config  # noqa: E402
+from gguf_fixtures import TinyTokenizer, write_tiny_gguf  # noqa: E402
 
 from grpo_jax.checkpoint import Checkpointer  # noqa: E402
 
@@ -45,6 +46,22 @@ def hf_dir(tmp, corrupt):
     shutil.copytree(LLAMA, directory)
     corrupt(directory)
     return config(checkpoint=str(directory), tokenizer="char", model=ml_collections.ConfigDict({}))
+
+
+# Two characters fewer than the model's 96 embedding rows (the merges' tokens kept).
+SHORT_VOCABULARY = [t for i, t in enumerate(TinyTokenizer().fields["tokenizer.ggml.tokens"])
+                    if i not in (10, 11)]
+
+
+def gguf_file(tmp, corrupt=None, **tokenizer_changes):
+    """The main command on a tiny GGUF (its own tokenizer and chat template), broken by `corrupt(path)`
+    or by changes to its tokenizer metadata."""
+    path = write_tiny_gguf(tmp / "model.gguf", **tokenizer_changes)
+    if corrupt is not None:
+        corrupt(path)
+    return config(checkpoint=str(path), tokenizer="", template="chat_default", max_prompt_tokens=64,
+                  model=ml_collections.ConfigDict({"max_position_embeddings": 96}),
+                  **{"sampling.buckets": (64,)})
 
 
 def truncate(path, keep):
@@ -112,7 +129,7 @@ CASES = [
      False),
     ("tokenizer dir", lambda t: config(tokenizer=str(t / "nowhere")), "config.tokenizer=", False),
     ("checkpoint dir", lambda t: config(checkpoint=str(t / "nowhere")),
-     "is not a Hugging Face model directory", False),
+     "is neither a .gguf file nor a Hugging Face model directory", False),
     ("no tokenizer", lambda t: config(tokenizer="", checkpoint=""), "--config.checkpoint=", False),
     ("warm_start.steps<0", lambda t: config(**{"warm_start.steps": -1}), "config.warm_start.steps=-1", False),
     ("warm_start.lr=0", lambda t: config(**{"warm_start.learning_rate": 0.0}),
@@ -163,7 +180,20 @@ CASES = [
     ("jsonl empty", lambda t: jsonl(t, []), "train.jsonl is empty", False),
     # Hugging Face directories.
     ("hf no config.json", lambda t: hf_dir(t, lambda d: (d / "config.json").unlink()),
-     "is not a Hugging Face model directory (no config.json in it)", False),
+     "is neither a .gguf file nor a Hugging Face model directory (no config.json in it)", False),
+    # GGUF files: the tokenizer is read from the file before any model is built.
+    ("gguf not a gguf", lambda t: gguf_file(t, lambda p: p.write_text('{"vocab": 5}')),
+     "model.gguf is not a GGUF file (it starts with b'{\"vo', not b'GGUF')", False),
+    ("gguf truncated", lambda t: gguf_file(t, lambda p: truncate(p, p.stat().st_size - 4000)),
+     "the file is truncated or corrupt", False),
+    ("gguf chat template fails", lambda t: gguf_file(
+        t, **{"tokenizer.chat_template": "{{ messages[2]['content'] }}"}),
+     "metadata key 'tokenizer.chat_template' fails to render", False),
+    ("gguf no merges", lambda t: gguf_file(t, **{"tokenizer.ggml.merges": None}),
+     "metadata key 'tokenizer.ggml.merges' (the BPE merges) is missing", False),
+    ("gguf vocabulary", lambda t: gguf_file(t, **{"tokenizer.ggml.tokens": SHORT_VOCABULARY,
+                                                  "tokenizer.ggml.token_type": [3, 3] + [1] * 92}),
+     "'tokenizer.ggml.tokens' holds 94 tokens but tensor 'token_embd.weight' has 96 rows", True),
     ("hf garbled config.json", lambda t: hf_dir(t, lambda d: (d / "config.json").write_text("{vocab")),
      "config.json is not valid UTF-8 JSON", True),
     ("hf truncated safetensors", lambda t: hf_dir(t, lambda d: truncate(d / "model.safetensors", 5000)),

@@ -14,8 +14,6 @@ import pytest
 from flax import nnx
 
 from grpo_jax.models import (
-    ModelConfig,
-    Transformer,
     forward_logits,
     load_gguf_checkpoint,
     load_pretrained,
@@ -26,42 +24,7 @@ from grpo_jax.models.gguf import gguf_name
 from grpo_jax.tokenizers import HFTokenizer, load_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-
-VOCAB = 96  # the tiny tokenizer's: 2 special tokens, 92 printable byte-level characters and 2 merges
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-class TinyTokenizer:
-    """Just the `tokenizer.*` metadata of a byte-level BPE over printable ASCII with 3 merges."""
-
-    def __init__(self, **changes):
-        tokens = ["<|im_start|>", "<|im_end|>"] + [chr(c) for c in range(33, 127)]
-        tokens[-4:] = ["Ċ", "Ġ", "Ġt", "he"]  # the last four characters give way to newline, space, 2 merges
-        self.fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
-                       "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3, 3] + [1] * 94,
-                       "tokenizer.ggml.merges": ["Ġ t", "h e"], "tokenizer.ggml.eos_token_id": 1,
-                       "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.padding_token_id": 1,
-                       "tokenizer.chat_template": CHATML}
-        self.fields.update(changes)
-        self.fields = {k: v for k, v in self.fields.items() if v is not None}
-
-    def gguf_metadata(self):
-        return dict(self.fields)
-
-
-def tiny(arch: str, vocab: int = VOCAB) -> Transformer:
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=32, rope_theta=5e4, rms_norm_eps=1e-5,
-                      max_position_embeddings=64, tie_word_embeddings=arch == "qwen2",
-                      qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
-    model = Transformer(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    # Norm scales and biases away from their 1 / 0 initial values, so a mix-up of any two would show.
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape) if x.ndim == 1 else x,
-                          params)
-    return nnx.merge(graphdef, params)
+from gguf_fixtures import VOCAB, TinyTokenizer, tiny  # noqa: E402
 
 
 def logits(model, ids=(3, 17, 40, 41, 60, 5, 9)):
@@ -180,9 +143,9 @@ def test_not_a_gguf_and_truncated_files_are_refused_naming_the_file(tmp_path):
         load_gguf_checkpoint(tmp_path / "x.gguf")
     path = write(tmp_path)
     data = path.read_bytes()
-    for cut, message in ((len(data) - 1000, "is truncated"), (300, "header cannot be read")):
+    for cut in (len(data) - 1000, 300):  # in the last tensor's data, in the metadata
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=f"cut.gguf.*{message}.*re-download"):
+        with pytest.raises(ValueError, match="cut.gguf: .*truncated or corrupt.*re-download"):
             load_gguf_checkpoint(tmp_path / "cut.gguf")
     with pytest.raises(FileNotFoundError, match="is not a file"):
         read_gguf(tmp_path / "missing.gguf")
@@ -208,6 +171,8 @@ def test_missing_tokenizer_metadata_and_a_broken_chat_template_are_refused(tmp_p
         load_tokenizer(str(write(tmp_path, name="b.gguf", **{"tokenizer.ggml.eos_token_id": None})))
     with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.model'='llama'.*--config\.tokenizer="):
         load_tokenizer(str(write(tmp_path, name="c.gguf", **{"tokenizer.ggml.model": "llama"})))
+    with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.tokens' and 'tokenizer\.ggml\.merges' do not"):
+        load_tokenizer(str(write(tmp_path, name="f.gguf", **{"tokenizer.ggml.merges": ["Ġ t", "q z"]})))
     with pytest.raises(ValueError, match=r"'tokenizer\.ggml\.pre'='mystery'.*known"):
         load_tokenizer(str(write(tmp_path, name="d.gguf", **{"tokenizer.ggml.pre": "mystery"})))
     broken = "{{ messages[3]['content'] }}"  # fails for a one-message conversation

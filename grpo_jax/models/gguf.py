@@ -121,13 +121,13 @@ def read_gguf(path: str | pathlib.Path) -> GGUFFile:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises many types on a cut or corrupt file
-        raise ValueError(f"{path}: the GGUF header cannot be read ({type(e).__name__}: {e}); the file is "
+        raise ValueError(f"{path}: the gguf package cannot read it ({type(e).__name__}: {e}); the file is "
                          f"truncated or corrupt ({size} bytes): {_REDOWNLOAD}.") from None
     for tensor in reader.tensors:
         end = tensor.data_offset + int(tensor.n_bytes)
         if end > size or tensor.data.nbytes != int(tensor.n_bytes):
             raise ValueError(f"{path}: tensor {tensor.name!r} ends at byte {end} but the file has {size} "
-                             f"bytes; the file is truncated: {_REDOWNLOAD}.")
+                             f"bytes; the file is truncated or corrupt: {_REDOWNLOAD}.")
     return GGUFFile(path, reader)
 
 
