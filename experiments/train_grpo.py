@@ -519,14 +519,16 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     if jax.process_index() != 0:
         return
     records = read_jsonl(workdir / "metrics.jsonl")
-    keys = [k for k in ("reward_mean", "reward/accuracy", EVAL_KEY, "kl", "completion_length_mean")
+    start = json.loads(start_file.read_text())["greedy_accuracy"] if start_file.exists() else None
+    per_reward = [f"reward/{name}" for name, _ in config.rewards] if len(config.rewards) > 1 else []
+    keys = [k for k in ("reward_mean", *per_reward, EVAL_KEY, "kl", "completion_length_mean")
             if any(k in r for r in records)]
-    plot_metrics(records, keys, workdir / "plots.png", title=workdir.name)
+    curves = records if start is None or not eval_every else [{"step": 0, EVAL_KEY: start}, *records]
+    plot_metrics(curves, keys, workdir / "plots.png", title=workdir.name)
     first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
     print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "
           f"{workdir / 'plots.png'}")
     if end is not None:
-        start = json.loads(start_file.read_text())["greedy_accuracy"] if start_file.exists() else None
         write_json(workdir / "accuracy.json",
                    {"start": start, "end": end, "step": trainer.step, "examples": config.eval_examples})
         summary = f"held-out greedy accuracy on {config.eval_examples} test problems: "
