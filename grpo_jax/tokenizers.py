@@ -281,6 +281,7 @@ class HFTokenizer:
         tokens = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token)
         self._template_tokens = {k: v for k, v in tokens.items() if v is not None}
         self._chat_template_source = chat_template
+        self._gguf_fields: dict[str, Any] | None = None  # a GGUF tokenizer's own `tokenizer.*` metadata
         self._chat_template = None if chat_template is None else _compile_chat_template(chat_template)
 
     def _token_id(self, field: str, token: str) -> int:
@@ -425,9 +426,8 @@ class HFTokenizer:
         """The `tokenizer.*` GGUF metadata (key -> value) that describes this tokenizer: a GGUF tokenizer's
         own, or one derived from a byte-level BPE tokenizer.json whose pre-tokenizer GGUF_PRE_TOKENIZERS
         names."""
-        fields = getattr(self, "_gguf_fields", None)
-        if fields is not None:
-            return dict(fields)
+        if self._gguf_fields is not None:
+            return dict(self._gguf_fields)
         state = json.loads(self._backend.to_str())
         model = state["model"]
         pre = _gguf_pre_name(self._backend.pre_tokenizer)
