@@ -2,6 +2,7 @@
 each refused with the file, the tensor or metadata key, and the fix, before any weight is used."""
 
 import dataclasses
+import json
 import pathlib
 import sys
 
@@ -24,7 +25,9 @@ from grpo_jax.models.gguf import gguf_name
 from grpo_jax.tokenizers import HFTokenizer, load_tokenizer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-from gguf_fixtures import VOCAB, TinyTokenizer, tiny  # noqa: E402
+from gguf_fixtures import CHATML, VOCAB, TinyTokenizer, tiny  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def logits(model, ids=(3, 17, 40, 41, 60, 5, 9)):
@@ -219,3 +222,24 @@ def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
     assert written.apply_chat_template(messages) == original.apply_chat_template(messages)
     with pytest.raises(ValueError, match="CharTokenizer cannot be written into a GGUF"):
         export.export(default_config(), tmp_path / "run", tmp_path / "out2", file_format="gguf")
+
+
+def test_a_hugging_face_tokenizer_is_described_in_gguf_metadata(tmp_path):
+    """A tokenizer.json directory whose pre-tokenizer llama.cpp knows (here the GGUF tokenizer's own, saved
+    as tokenizer.json) gives the same GGUF metadata back: vocabulary, merges, token types, special ids and
+    chat template; one whose pre-tokenizer is not one of them is refused, naming the known ones."""
+    original = load_tokenizer(str(write(tmp_path)))
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text(original._backend.to_str())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "bos_token": "<|im_start|>",
+         "chat_template": CHATML}))
+    described = HFTokenizer.from_dir(directory).gguf_metadata()
+    expected = TinyTokenizer().gguf_metadata()
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.chat_template"):
+        assert described[key] == expected[key], key
+    with pytest.raises(ValueError, match="pre-tokenizer is one of"):
+        load_tokenizer(str(ROOT / "tests" / "fixtures" / "hf" / "tokenizer")).gguf_metadata()
