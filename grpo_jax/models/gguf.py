@@ -71,8 +71,9 @@ def gguf_name(hf_name: str) -> str:
 
 
 class GGUFFile:
-    """An opened, checked GGUF: `metadata` (key -> value, strings decoded) and `tensors` (name -> the gguf
-    package's ReaderTensor, memory-mapped). Build it with `read_gguf`."""
+    """An opened, checked GGUF: its metadata through `get` / `require` (values decoded: strings as str,
+    arrays as lists) and `tensors` (name -> the gguf package's ReaderTensor, memory-mapped). Build it with
+    `read_gguf`."""
 
     def __init__(self, path: pathlib.Path, reader: Any):
         self.path = path
