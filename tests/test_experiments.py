@@ -95,7 +95,7 @@ def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_the
                                                                                  (0, "one_core", 0)]
     for row in result["rows"]:
         assert row["warm_steps"] == 4 and row["lift"] == pytest.approx(row["end"] - row["start"])
-        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["roofline"] > 0
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["roofline"] > 0 and row["peak_rss_mib"] > 100
         assert json.loads((tmp_path / f"seed0_{row['mode']}" / "accuracy.json").read_text())["step"] == 2
     table = (tmp_path / "robustness.md").read_text()
     assert "| 0 | perturbed |" in table and "| 0 | one_core |" in table and "2/2 runs finished" in table
