@@ -166,7 +166,7 @@ def _no_cache_decode(model: Transformer, prompt_tokens, prompt_mask, key, cfg: S
         hidden, _ = model(tokens, positions_from_mask(mask), causal_mask(mask))
         last = jax.lax.dynamic_index_in_dim(hidden, prompt_len + t - 1, axis=1, keepdims=False)
         logits = jnp.dot(last, unembedding, preferred_element_type=jnp.float32)
-        token, _ = sampling._next_token(logits, jax.random.fold_in(key, t), cfg)
+        token, _ = sampling.next_token(logits, jax.random.fold_in(key, t), cfg)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, prompt_len + t))
         mask = jax.lax.dynamic_update_slice(mask, jnp.ones((batch, 1), bool), (0, prompt_len + t))
         return tokens, mask

@@ -116,18 +116,54 @@ def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return logits
 
 
-def _next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """Sample from float32 logits `[B, V]`: (token `[B]`, its log-prob at the temperature `[B]`)."""
+DRAW_BLOCK = 256  # ids per block of the two-level inverse-CDF draw
+
+
+def draw(logits: jax.Array, key: jax.Array) -> jax.Array:
+    """One exact draw per row from softmax(logits `[B, V]`), `[B]` int32, by inverse CDF in two levels.
+
+    The Gumbel-max trick (`jax.random.categorical`) draws V random numbers per row and takes an argmax
+    over V: at a 49152-word vocabulary that is most of a decode step on a CPU. One uniform per row is
+    enough: pick the block of `DRAW_BLOCK` ids whose cumulative mass first exceeds u * total, then the id
+    within it. Cumulative sums stay short (V / 256 blocks, 256 ids), so float32 rounding stays ~1e-7 of
+    the mass. An id of probability 0 (a -inf logit, a filtered one) is never drawn.
+    """
+    batch, vocab = logits.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    logits = logits.astype(jnp.float32)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * DRAW_BLOCK - vocab))).reshape(batch, blocks, DRAW_BLOCK)
+    mass = probs.sum(axis=-1)  # [B, blocks]
+    cumulative = jnp.cumsum(mass, axis=-1)
+    target = jax.random.uniform(key, (batch, 1)) * cumulative[:, -1:]
+
+    def first_above(cum, values, target):
+        """Index of the first entry whose cumulative value exceeds target (clamped to the last entry of
+        positive value, for a target at the total after rounding)."""
+        index = jnp.sum(cum <= target, axis=-1)
+        last = jnp.max(jnp.where(values > 0, jnp.arange(values.shape[-1]), 0), axis=-1)
+        return jnp.minimum(index, last)
+
+    block = first_above(cumulative, mass, target)  # [B]
+    within = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, DRAW_BLOCK]
+    before = jnp.take_along_axis(cumulative - mass, block[:, None], axis=1)  # mass of earlier blocks
+    offset = first_above(jnp.cumsum(within, axis=-1), within, jnp.maximum(target - before, 0.0))
+    return (block * DRAW_BLOCK + offset).astype(jnp.int32)
+
+
+def next_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """The sampler's draw from float32 logits `[B, V]` under `cfg` (temperature, vocab_limit, top-k/p,
+    min-p): (token `[B]`, its log-prob at the temperature before the filters `[B]`)."""
     logits = logits / (cfg.temperature or 1.0)
     if cfg.vocab_limit:  # the model's vocabulary is padded past the tokenizer's: never emit those ids
         allowed = jnp.arange(logits.shape[-1]) < cfg.vocab_limit
         logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # of the distribution sampled from (before filters)
     if cfg.temperature == 0.0:
-        token = jnp.argmax(logits, axis=-1)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-        token = jax.random.categorical(key, _filter_logits(logits, cfg), axis=-1)
-    return token.astype(jnp.int32), jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+        token = draw(_filter_logits(logits, cfg), key)
+    return token, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
 
 
 class _DecodeState(NamedTuple):
@@ -165,7 +201,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, cfg: SamplingCon
         return (s.step < length) & ~jnp.all(s.done)
 
     def body(s: _DecodeState) -> _DecodeState:
-        token, logprob = _next_token(s.logits, jax.random.fold_in(key, s.step), cfg)
+        token, logprob = next_token(s.logits, jax.random.fold_in(key, s.step), cfg)
         token = jnp.where(s.done, cfg.pad_id, token)
         logprob = jnp.where(s.done, 0.0, logprob)
         stop = jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32)) & ~s.done

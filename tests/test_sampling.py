@@ -211,3 +211,36 @@ def test_vocab_limit_keeps_samples_inside_the_tokenizer(model):
         cfg = SamplingConfig(max_new_tokens=8, group_size=8, temperature=temperature, vocab_limit=limit)
         out = sample(model, PROMPTS, jax.random.PRNGKey(8), cfg)
         assert int(out.tokens.max()) < limit
+
+
+@pytest.mark.parametrize("vocab", [7, 256, 1000])
+def test_draw_follows_the_softmax_and_never_draws_zero_probability_ids(vocab):
+    """The inverse-CDF draw against its distribution: a chi-square test over 200k draws (vocabularies
+    below, at and across the draw's block size), with a fifth of the ids filtered out (-inf-like logits)."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(0.0, 2.0, vocab).astype(np.float32)
+    filtered = rng.choice(vocab, max(1, vocab // 5), replace=False)
+    logits[filtered] = np.finfo(np.float32).min
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    draw = jax.jit(lambda key: sampling.draw(jnp.broadcast_to(jnp.asarray(logits), (20_000, vocab)), key))
+    counts = np.zeros(vocab)
+    for i in range(10):
+        counts += np.bincount(np.asarray(draw(jax.random.key(i))), minlength=vocab)
+    assert counts.sum() == 200_000 and counts[filtered].sum() == 0
+    expected = probs * counts.sum()
+    kept = expected > 5  # the chi-square approximation's usual rule; the rare ids are checked in bulk
+    chi2 = ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum()
+    dof = kept.sum() - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+    rare = (~kept).nonzero()[0]
+    assert abs(counts[rare].sum() - expected[rare].sum()) <= 6 * np.sqrt(expected[rare].sum()) + 1
+
+
+def test_draw_finds_a_single_id_in_any_block():
+    """One id of probability 1 among 49152 (the SmolLM2 vocabulary): every draw returns it, wherever it is."""
+    vocab, ids = 49152, np.array([0, 255, 256, 30001, 49151])
+    logits = np.full((len(ids), vocab), np.finfo(np.float32).min, np.float32)
+    logits[np.arange(len(ids)), ids] = 0.0
+    for i in range(3):
+        np.testing.assert_array_equal(sampling.draw(jnp.asarray(logits), jax.random.key(i)), ids)
