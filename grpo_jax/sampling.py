@@ -260,8 +260,8 @@ def grow_cache(cache: Cache, capacity: int) -> Cache:
     extra = capacity - cache.mask.shape[1]
     if extra == 0:
         return cache
-    pad = ((0, 0), (0, 0), (0, extra), (0, 0))
-    kv = tuple(KV(jnp.pad(layer.k, pad), jnp.pad(layer.v, pad)) for layer in cache.kv)
+    key_pad, value_pad = ((0, 0), (0, 0), (0, 0), (0, extra)), ((0, 0), (0, 0), (0, extra), (0, 0))
+    kv = tuple(KV(jnp.pad(layer.k, key_pad), jnp.pad(layer.v, value_pad)) for layer in cache.kv)
     return Cache(kv, jnp.pad(cache.mask, ((0, 0), (0, extra))), cache.index)
 
 

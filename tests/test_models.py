@@ -537,20 +537,22 @@ def test_cache_decode_matches_full_forward():
     hidden, prompt_kv = hidden_states(model, prompt, prompt_mask)
     np.testing.assert_allclose(hidden[prompt_mask], full[:, :prompt_width][prompt_mask], atol=1e-5)
     empty = init_cache(model.config, batch, capacity)
-    assert empty.kv[0].k.shape == (batch, 2, capacity, 8) and empty.kv[0].k.dtype == jnp.float32
+    assert empty.kv[0].k.shape == (batch, 2, 8, capacity) and empty.kv[0].v.shape == (batch, 2, capacity, 8)
+    assert empty.kv[0].k.dtype == jnp.float32
     assert not empty.mask.any() and empty.index == 0 and len(empty.kv) == 2
     # Prefilling through the cache writes the plain forward's keys/values into the first slots.
     prefill_mask = np.pad(causal_mask(prompt_mask), ((0, 0), (0, 0), (0, new)))  # [B, P, T]
     _, cache_kv = run(model, prompt, positions_from_mask(prompt_mask), prefill_mask, cache=empty)
     for written, kv in zip(cache_kv, prompt_kv, strict=True):
-        np.testing.assert_allclose(written.k[:, :, :prompt_width], kv.k, atol=1e-6)
+        np.testing.assert_allclose(written.k[..., :prompt_width], kv.k, atol=1e-6)
         np.testing.assert_allclose(written.v[:, :, :prompt_width], kv.v, atol=1e-6)
-        np.testing.assert_array_equal(written.k[:, :, prompt_width:], 0.0)
+        np.testing.assert_array_equal(written.k[..., prompt_width:], 0.0)
+        np.testing.assert_array_equal(written.v[:, :, prompt_width:], 0.0)
 
-    def into_slots(x):  # [B, KVH, P, Dh] -> [B, KVH, T, Dh]
-        return np.pad(np.asarray(x), ((0, 0), (0, 0), (0, new), (0, 0)))
+    def into_slots(x, axis):  # P -> T slots along `axis` (keys [B, KVH, Dh, P], values [B, KVH, P, Dh])
+        return np.pad(np.asarray(x), [(0, new) if a == axis else (0, 0) for a in range(4)])
 
-    cache = Cache(tuple(KV(into_slots(kv.k), into_slots(kv.v)) for kv in prompt_kv),
+    cache = Cache(tuple(KV(into_slots(kv.k, 3), into_slots(kv.v, 2)) for kv in prompt_kv),
                   np.pad(prompt_mask, ((0, 0), (0, new))), jnp.int32(prompt_width))
     slots = np.arange(capacity)
     for step in (1, 1, 2):

@@ -25,21 +25,24 @@ from grpo_jax.models.config import ModelConfig
 
 
 class KV(NamedTuple):
-    """Keys and values of one layer, heads-major: `[B, num_kv_heads, S, head_dim]` each."""
+    """Keys and values of one layer, heads-major. Keys are stored feature-major, `k` `[B, num_kv_heads,
+    head_dim, S]`, so that q k^T is a plain `[R, Dh] x [Dh, S]` matmul per head (contracting the keys'
+    minor axis makes XLA's CPU matmul repack the whole cache every decode step); `v` `[B, num_kv_heads, S,
+    head_dim]`."""
 
     k: jax.Array
     v: jax.Array
 
 
 class Prefix(NamedTuple):
-    """Shared prefix of N prompts: per-layer KV `[N, KVH, P, Dh]`, `mask` `[N, P]` (false on left padding)."""
+    """Shared prefix of N prompts: per-layer KV (see `KV`, S = P), `mask` `[N, P]` (false on left padding)."""
 
     kv: tuple[KV, ...]
     mask: jax.Array
 
 
 class Cache(NamedTuple):
-    """A row-wise KV cache of fixed capacity T: per-layer KV `[B, KVH, T, Dh]`; `mask` `[B, T]` marks slots
+    """A row-wise KV cache of fixed capacity T: per-layer KV (see `KV`, S = T); `mask` `[B, T]` marks slots
     that hold a real token; `index` is the next slot to write (the same for all rows)."""
 
     kv: tuple[KV, ...]
@@ -69,6 +72,19 @@ class Dense(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
+def fused_dense(layers: tuple[Dense, ...], x: jax.Array) -> jax.Array:
+    """The outputs of several Dense layers of the same input, concatenated: one matmul against their
+    kernels side by side (q/k/v, gate/up), which a CPU runs faster than several narrow ones; the
+    concatenation of the weights is loop-invariant in the sampler, so XLA hoists it out of the decode loop."""
+    dtype = layers[0].dtype
+    kernel = jnp.concatenate([d.kernel[...].astype(dtype) for d in layers], axis=1)
+    flat = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = jnp.dot(flat, kernel).reshape(*x.shape[:-1], -1)
+    if layers[0].bias is not None:
+        y = y + jnp.concatenate([d.bias[...].astype(dtype) for d in layers])
+    return y
+
+
 class RMSNorm(nnx.Module):
     """x / sqrt(mean(x^2) + eps) * scale, computed in float32 (as Llama and Qwen do)."""
 
@@ -82,29 +98,42 @@ class RMSNorm(nnx.Module):
         return (self.scale[...].astype(jnp.float32) * x32).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding, rotate-half convention: x `[B, S, H, Dh]`, positions `[B, S]`."""
+class Rope(NamedTuple):
+    """cos and sin of the rotary angles of every token, `[B, S, 1, Dh / 2]` float32: computed once per call
+    of the model, shared by its layers."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> Rope:
+    """The rotary tables of `positions` `[B, S]` for frequencies `inv_freq` `[Dh / 2]`."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, Dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return Rope(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """Rotary embedding, rotate-half convention: x `[B, S, H, Dh]`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return jnp.concatenate([x1 * rope.cos - x2 * rope.sin, x2 * rope.cos + x1 * rope.sin],
+                           axis=-1).astype(x.dtype)
 
 
 def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = None,
            prefix_mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(Dh)) v over the row's own keys and, optionally, its group's shared prefix.
 
-    Keys and values are stored heads-major, `[B, KVH, T, Dh]`, and the R = H / KVH query heads sharing a
-    key head are folded into the query axis, so every contraction is a plain batched matmul that needs no
-    transpose of the (large) cache. With a prefix, the softmax runs over both key sets at once through a
-    shared maximum and denominator, without concatenating them.
+    Keys and values are stored heads-major (keys feature-major, see `KV`), and the R = H / KVH query heads
+    sharing a key head are folded into the query axis, so every contraction is a plain batched matmul that
+    needs no transpose of the (large) cache. With a prefix, the softmax runs over both key sets at once
+    through a shared maximum and denominator, without concatenating them; the G rows of a group are folded
+    into the query axis of their prompt's prefix, so the prefix is read once per group.
 
     Args:
       q: `[B, S, H, Dh]` queries.
-      own: KV `[B, KVH, T, Dh]`, keys of the row itself (its cache or the call's own tokens).
+      own: KV (S = T), keys of the row itself (its cache or the call's own tokens).
       own_mask: `[B, S, T]` bool, which own keys each query may see (causality and padding).
-      prefix_kv: KV `[N, KVH, P, Dh]` with B = N * G: keys every row of a group sees.
+      prefix_kv: KV (S = P) of N = B / G prompts: keys every row of a group sees.
       prefix_mask: `[N, P]` bool, false on the prefix's padding.
 
     Returns:
@@ -118,26 +147,32 @@ def attend(q: jax.Array, own: KV, own_mask: jax.Array, prefix_kv: KV | None = No
     q = q.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, length * repeats, head_dim)
     neg = jnp.finfo(jnp.float32).min
     visible = jnp.repeat(own_mask, repeats, axis=1)[:, None]  # [B, 1, S * R, T]
-    scores = einsum_f32("bkqd,bktd->bkqt", q, own.k)
+    scores = einsum_f32("bkqd,bkdt->bkqt", q, own.k)
     scores = jnp.where(visible, scores, neg)
     top = scores.max(axis=-1, keepdims=True)
     if prefix_kv is not None:
         num_prompts = prefix_kv.k.shape[0]
         group = batch // num_prompts
-        grouped_q = q.reshape(num_prompts, group, *q.shape[1:])  # [N, G, KVH, S * R, Dh]
-        prefix_scores = einsum_f32("ngkqd,nkpd->ngkqp", grouped_q, prefix_kv.k)
-        prefix_scores = jnp.where(prefix_mask[:, None, None, None, :], prefix_scores, neg)
-        top = jnp.maximum(top, prefix_scores.max(axis=-1, keepdims=True).reshape(top.shape))
+
+        def by_prompt(x):  # [B, KVH, Q, X] -> [N, KVH, G * Q, X]: a group's rows share their prompt's keys
+            x = x.reshape(num_prompts, group, *x.shape[1:]).transpose(0, 2, 1, 3, 4)
+            return x.reshape(num_prompts, kv_heads, group * x.shape[3], x.shape[4])
+
+        def by_row(x):  # the inverse of by_prompt
+            x = x.reshape(num_prompts, kv_heads, group, -1, x.shape[-1]).transpose(0, 2, 1, 3, 4)
+            return x.reshape(batch, kv_heads, -1, x.shape[-1])
+
+        prefix_scores = einsum_f32("nkqd,nkdp->nkqp", by_prompt(q), prefix_kv.k)
+        prefix_scores = jnp.where(prefix_mask[:, None, None, :], prefix_scores, neg)
+        top = jnp.maximum(top, by_row(prefix_scores.max(axis=-1, keepdims=True)))
     weights = jnp.where(visible, jnp.exp(scores - top), 0.0)
     total = weights.sum(axis=-1, keepdims=True)
     out = einsum_f32("bkqt,bktd->bkqd", weights.astype(own.v.dtype), own.v)
     if prefix_kv is not None:
-        grouped_top = top.reshape(num_prompts, group, *top.shape[1:])
-        prefix_weights = jnp.where(prefix_mask[:, None, None, None, :], jnp.exp(prefix_scores - grouped_top),
-                                   0.0)
-        total += prefix_weights.sum(axis=-1, keepdims=True).reshape(total.shape)
-        out += einsum_f32("ngkqp,nkpd->ngkqd", prefix_weights.astype(prefix_kv.v.dtype),
-                          prefix_kv.v).reshape(out.shape)
+        prefix_weights = jnp.exp(prefix_scores - by_prompt(top))
+        prefix_weights = jnp.where(prefix_mask[:, None, None, :], prefix_weights, 0.0)
+        total += by_row(prefix_weights.sum(axis=-1, keepdims=True))
+        out += by_row(einsum_f32("nkqp,nkpd->nkqd", prefix_weights.astype(prefix_kv.v.dtype), prefix_kv.v))
     out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)  # no visible key: 0 / tiny = 0
     out = out.reshape(batch, kv_heads, length, repeats, head_dim).transpose(0, 2, 1, 3, 4)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
@@ -155,23 +190,24 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, cfg, rngs, "head_dim") if cfg.qk_norm else None
         self.config = cfg
 
-    def __call__(self, x, positions, own_mask, cache_kv, cache_index, prefix_kv, prefix_mask):
+    def __call__(self, x, rope, own_mask, cache_kv, cache_index, prefix_kv, prefix_mask):
         batch, length, _ = x.shape
-        q = self.q(x).reshape(batch, length, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(fused_dense((self.q, self.k, self.v), x), (q_size, q_size + kv_size), axis=-1)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = jnp.asarray(self.config.rope_inv_freq())  # a trace-time constant
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, KVH, S, Dh]
-        v = v.transpose(0, 2, 1, 3)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope).transpose(0, 2, 3, 1)  # [B, KVH, Dh, S]
+        v = v.transpose(0, 2, 1, 3)  # [B, KVH, S, Dh]
         if cache_kv is None:
             own = KV(k, v)
         else:  # write this call's keys into the cache and attend to all of it
-            start = (0, 0, cache_index, 0)
-            own = KV(jax.lax.dynamic_update_slice(cache_kv.k, k.astype(cache_kv.k.dtype), start),
-                     jax.lax.dynamic_update_slice(cache_kv.v, v.astype(cache_kv.v.dtype), start))
+            k = jax.lax.dynamic_update_slice(cache_kv.k, k.astype(cache_kv.k.dtype), (0, 0, 0, cache_index))
+            v = jax.lax.dynamic_update_slice(cache_kv.v, v.astype(cache_kv.v.dtype), (0, 0, cache_index, 0))
+            own = KV(k, v)
         out = attend(q, own, own_mask, prefix_kv, prefix_mask)
         return self.o(out.reshape(batch, length, -1)), own
 
@@ -185,7 +221,8 @@ class MLP(nnx.Module):
         self.down = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), cfg, rngs)
 
     def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gate, up = jnp.split(fused_dense((self.gate, self.up), x), 2, axis=-1)
+        return self.down(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -195,8 +232,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, own_mask, cache_kv, cache_index, prefix_kv, prefix_mask):
-        attn_out, kv = self.attn(self.attn_norm(x), positions, own_mask, cache_kv, cache_index, prefix_kv,
+    def __call__(self, x, rope, own_mask, cache_kv, cache_index, prefix_kv, prefix_mask):
+        attn_out, kv = self.attn(self.attn_norm(x), rope, own_mask, cache_kv, cache_index, prefix_kv,
                                  prefix_mask)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), kv
@@ -251,10 +288,11 @@ class Transformer(nnx.Module):
         # Remat serves the backward pass; decoding with a cache (inside the sampler's while_loop, whose body
         # closes over these params) has none.
         block_fn = nnx.remat(_run_block) if self.config.remat and cache is None else _run_block
+        rope = rope_tables(positions, jnp.asarray(self.config.rope_inv_freq()))  # a trace-time constant
         kvs = []
         for i, block in enumerate(self.layers):
             x, kv = block_fn(
-                block, x, positions, own_mask,
+                block, x, rope, own_mask,
                 None if cache is None else cache.kv[i], None if cache is None else cache.index,
                 None if prefix is None else prefix.kv[i], None if prefix is None else prefix.mask)
             kvs.append(kv)
@@ -276,8 +314,9 @@ def positions_from_mask(token_mask: jax.Array, offset: jax.Array | int = 0) -> j
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache:
     """An empty cache of `capacity` slots per row."""
     shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+    key_shape = (batch, cfg.num_kv_heads, cfg.head_dim, capacity)
     dtype = dtype or cfg.dtype
-    kv = tuple(KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    kv = tuple(KV(jnp.zeros(key_shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
     return Cache(kv, jnp.zeros((batch, capacity), bool), jnp.zeros((), jnp.int32))
 
 
