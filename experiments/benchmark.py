@@ -50,10 +50,11 @@ from absl import app, flags
 from flax import nnx
 
 from grpo_jax import lora as lora_lib
-from grpo_jax import sampling, sharding, token_logprobs
+from grpo_jax import profiling, sampling, sharding, token_logprobs
 from grpo_jax import update as update_lib
 from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
+from grpo_jax.profiling import Roofline, grpo_work_flops, time_calls
 from grpo_jax.sampling import SamplingConfig, sample
 from grpo_jax.trainer import Trainer
 
@@ -174,19 +175,6 @@ def _no_cache_decode(model: Transformer, prompt_tokens, prompt_mask, key, cfg: S
     return jax.lax.fori_loop(0, cfg.max_new_tokens, step, (tokens, mask))[0][:, prompt_len:]
 
 
-def _time_calls(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of `repeats` further calls); each call gets a fresh key."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.PRNGKey(0)))
-    first = time.perf_counter() - start
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(jax.random.PRNGKey(i + 1)))
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
-
-
 def _transformers_generate_seconds(model: Transformer, prompts, cfg: SamplingConfig, repeats: int):
     """Median seconds of transformers `generate` on the same weights and work, or None without torch."""
     try:
@@ -230,7 +218,8 @@ def bench_sampling() -> None:
     results = {}
     for new_tokens in (128, 64, 512):
         cfg, fn = run(new_tokens)
-        first, seconds = _time_calls(fn, _REPEATS.value)
+        first, times = time_calls(fn, _REPEATS.value)
+        seconds = statistics.median(times)
         results[new_tokens] = seconds
         rows = num_prompts * group_size
         print(f"  grpo_jax sampler, {new_tokens:3d} new tokens: {seconds:6.3f} s  "
@@ -257,65 +246,6 @@ def bench_sampling() -> None:
     else:
         print(f"  transformers generate, 128 new tokens: {hf_seconds:6.3f} s  {rows * 128 / hf_seconds:8.0f} "
               f"new tokens/s  -> grpo_jax sampler is {hf_seconds / results[128]:.2f}x faster (target >= 2x)")
-
-
-def matmul_calls(calls: int = 10) -> list[float]:
-    """GFLOP/s of `calls` timed 2048 x 2048 float32 matmuls on this backend (the roofline's samples)."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048))
-    matmul = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(matmul(a))
-    rates = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a))
-        rates.append(2 * 2048**3 / (time.perf_counter() - start) / 1e9)
-    return rates
-
-
-class Roofline:
-    """The f32 matmul roofline from samples taken before, between and after the timed work.
-
-    `median` is the typical rate, to set against the median of the timed work (like with like on a machine
-    whose speed varies from moment to moment); `best` is the fastest call, the strict ceiling, to set against
-    the fastest run of the work.
-    """
-
-    def __init__(self):
-        self.rates: list[float] = []
-
-    def measure(self) -> None:
-        self.rates += matmul_calls()
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
-
-    @property
-    def best(self) -> float:
-        return max(self.rates)
-
-    def __str__(self) -> str:
-        return (f"f32 matmul roofline {self.median:.0f} GFLOP/s median, {self.best:.0f} best "
-                f"({len(self.rates)} calls of a 2048 x 2048 matmul)")
-
-
-def _forward_flops(cfg: ModelConfig, tokens: int, context: float) -> float:
-    """Forward FLOPs of `tokens` tokens attending to `context` keys on average (matmuls + attention)."""
-    d, hd = cfg.hidden_size, cfg.head_dim
-    per_layer = 2 * (d * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * d
-                     + 3 * d * cfg.intermediate_size)
-    attention = 2 * 2 * cfg.num_heads * hd * context  # q k^T and weights v
-    return tokens * (cfg.num_layers * (per_layer + attention) + 2 * d * cfg.vocab_size)
-
-
-def grpo_work_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int, new_tokens: int,
-                    beta: float) -> dict[str, float]:
-    """FLOPs one GRPO iteration needs, each prompt computed once per group (forward x1, backward x2)."""
-    rows = prompts * group
-    prompt = _forward_flops(cfg, prompts * prompt_len, prompt_len / 2)
-    completions = _forward_flops(cfg, rows * new_tokens, prompt_len + new_tokens / 2)
-    return {"sampling": prompt + completions, "reference": (prompt + completions) if beta else 0.0,
-            "update": 3 * (prompt + completions)}
 
 
 def _constant_reward(examples, completions):
@@ -392,7 +322,8 @@ def bench_train_step() -> None:
         trainer.state, metrics = trainer.train_step(trainer.state, batch)
         return metrics["loss"]
 
-    _, seconds = _time_calls(step, _REPEATS.value)
+    _, times = time_calls(step, _REPEATS.value)
+    seconds = statistics.median(times)
     roofline.measure()
     flops = grpo_work_flops(cfg, num_prompts, group_size, prompt_len, new_tokens, 0.0)["update"]
     rate = flops / seconds / 1e9
@@ -613,7 +544,7 @@ def bench_memory() -> None:
 
 def bench_roofline() -> None:
     roofline = Roofline()
-    roofline.rates = matmul_calls(_CALLS.value)
+    roofline.rates = profiling.matmul_calls(_CALLS.value)
     print(f"{jax.default_backend()}: {roofline}")
 
 

