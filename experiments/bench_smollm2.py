@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -77,22 +77,22 @@ def chat_prompts(tokenizer, count: int) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-def run_peer(script: str, *args: str) -> tuple[dict | None, float]:
-    """(the peer's JSON line, its peak memory in MiB), or (None, 0) without --torch_python."""
+def run_peer(script: str, *args: str) -> dict | None:
+    """The peer's JSON line (its timings, versions and peak memory), or None without --torch_python."""
     if not _TORCH_PYTHON.value:
-        return None, 0.0
+        return None
     command = [_TORCH_PYTHON.value, str(ROOT / "experiments" / "peers" / script), *args,
                f"--threads={_THREADS.value}"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{script} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return json.loads(out.stdout.strip().splitlines()[-1]), (peak if peak > before else 0) / 1024
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM), in MiB."""
+    status = pathlib.Path("/proc/self/status").read_text(encoding="utf-8")
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def bench_sampler() -> None:
@@ -113,9 +113,8 @@ def bench_sampler() -> None:
     with tempfile.TemporaryDirectory() as directory:
         prompt_file = pathlib.Path(directory) / "prompts.json"
         prompt_file.write_text(json.dumps(prompts), encoding="utf-8")
-        peer, _ = run_peer("hf_generate.py", f"--gguf={path}", f"--prompts={prompt_file}",
-                           f"--group_size={group}", f"--new_tokens={new_tokens}",
-                           f"--repeats={_REPEATS.value}")
+        peer = run_peer("hf_generate.py", f"--gguf={path}", f"--prompts={prompt_file}",
+                        f"--group_size={group}", f"--new_tokens={new_tokens}", f"--repeats={_REPEATS.value}")
     roofline.measure()
     flops = profiling.grpo_work_flops(model.config, len(prompts), group, len(prompts[0]), new_tokens,
                                       0.0)["sampling"]
@@ -139,7 +138,7 @@ def bench_sampler() -> None:
         print(f"  transformers generate (transformers {v['transformers']}, torch {v['torch']}, "
               f"{peer['threads']} threads): {peer['median']:.2f} s (median of "
               f"{', '.join(f'{t:.2f}' for t in peer['seconds'])}) -> grpo_jax is "
-              f"{peer['median'] / seconds:.2f}x faster")
+              f"{peer['median'] / seconds:.2f}x faster; its peak host memory {peer['peak_mib']:.0f} MiB")
 
 
 def constant_reward(examples, completions):
@@ -170,9 +169,8 @@ def bench_iteration() -> None:
     with tempfile.TemporaryDirectory() as directory:
         prompt_file = pathlib.Path(directory) / "prompts.json"
         prompt_file.write_text(json.dumps(texts), encoding="utf-8")
-        peer, peer_memory = run_peer("trl_grpo.py", f"--gguf={path}", f"--prompts={prompt_file}",
-                                     f"--group_size={group}", f"--new_tokens={new_tokens}",
-                                     f"--steps={1 + _REPEATS.value}")
+        peer = run_peer("trl_grpo.py", f"--gguf={path}", f"--prompts={prompt_file}", f"--group_size={group}",
+                        f"--new_tokens={new_tokens}", f"--steps={1 + _REPEATS.value}")
     roofline.measure()
     seconds = statistics.median(t for t, _ in runs[1:])
     split = {k: statistics.median(m[f"time_{k}"] for _, m in runs[1:])
@@ -198,7 +196,7 @@ def bench_iteration() -> None:
     print(f"  TRL {v['trl']} GRPOTrainer (transformers {v['transformers']}, torch {v['torch']}, "
           f"{peer['threads']} threads): {trl_seconds:.2f} s/step (median of "
           f"{', '.join(f'{t:.2f}' for t in trl_steps[1:])}; first {trl_steps[0]:.1f} s; completion lengths "
-          f"{peer['completion_lengths']}); peak host memory {peer_memory:.0f} MiB -> grpo_jax is "
+          f"{peer['completion_lengths']}); peak host memory {peer['peak_mib']:.0f} MiB -> grpo_jax is "
           f"{trl_seconds / seconds:.2f}x faster")
 
 

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from grpo_jax import advantages as advantages_lib
 from grpo_jax import losses
 from grpo_jax._validation import check_fields, finite
-from grpo_jax.policy import completion_hidden
+from grpo_jax.policy import completion_hidden, merge_groups, split_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +68,25 @@ def critic_values(critic: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Arr
     return jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), head["kernel"]) + head["bias"]
 
 
+def batch_values(critic: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], *, group_size: int,
+                 parts: int = 1) -> jax.Array:
+    """`critic_values` of a whole batch in `parts` sequential parts of whole groups (`lax.map`), so memory is
+    that of one part, as the policy's log-probs are computed (`policy.batch_logprobs`)."""
+    fields = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
+    if parts == 1:
+        return critic_values(critic, graphdef, batch)
+    split = split_batch({k: batch[k] for k in fields}, parts, group_size)
+    return merge_groups(jax.lax.map(lambda part: critic_values(critic, graphdef, part), split), group_size)
+
+
 def ppo_targets(critic: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], cfg: PPOConfig, *,
-                beta: float, kl_estimator: str) -> dict[str, jax.Array]:
+                beta: float, kl_estimator: str, group_size: int = 1, parts: int = 1) -> dict[str, jax.Array]:
     """The rollout's values, GAE advantages (whitened over the batch with cfg.whiten_advantages) and the
     critic's regression targets, from `batch["scores"]` `[B]`; with cfg.kl_in_reward and beta > 0 the
-    rewards pay beta * KL(old || ref) per token (`batch["old_logprobs"]`, `batch["ref_logprobs"]`)."""
+    rewards pay beta * KL(old || ref) per token (`batch["old_logprobs"]`, `batch["ref_logprobs"]`). The
+    values are computed in `parts` parts of whole groups of `group_size` rows (`batch_values`)."""
     mask = batch["completion_mask"]
-    old_values = critic_values(critic, graphdef, batch)
+    old_values = batch_values(critic, graphdef, batch, group_size=group_size, parts=parts)
     kl = None
     if cfg.kl_in_reward and beta:
         kl = losses.kl_divergence(batch["old_logprobs"], batch["ref_logprobs"], kl_estimator)

@@ -7,6 +7,8 @@ anything (padding, -inf, NaN): they never reach the loss, its gradient or the me
   kl_divergence   per-token k1 / k2 / k3 estimates of KL(pi_theta || pi_ref)
   aggregate_loss  per-token values -> scalar (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm)
   policy_loss     clipped surrogate (GRPO / DAPO clip-higher / dual clip), GSPO or CISPO, + beta * KL
+  rollout_correction  per-token importance weights pi_old / pi_behaviour (truncated or masked) for tokens
+                  that another policy sampled: a stale rollout, or a sampler whose numerics differ
   value_loss      PPO's clipped regression of a critic onto its GAE returns (the baseline GRPO drops)
 """
 
@@ -27,6 +29,9 @@ LossType = Literal["grpo", "gspo", "cispo"]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 LOSS_TYPES = ("grpo", "gspo", "cispo")
+GSPO_LOG_RATIO_BOUND = 20.0  # the sequence log-ratio's upper bound (see policy_loss)
+Correction = Literal["none", "tis", "mis"]
+CORRECTIONS = ("none", "tis", "mis")
 
 
 def kl_divergence(
@@ -135,6 +140,7 @@ def policy_loss(
     loss_type: LossType = "grpo",
     aggregation: Aggregation = "seq-mean-token-mean",
     max_completion_length: int | None = None,
+    token_weights: chex.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO objective as a loss: L = agg_t(-surrogate_t + beta * KL_t), with r_t = pi_theta / pi_old.
 
@@ -168,6 +174,8 @@ def policy_loss(
       loss_type: "grpo", "gspo" or "cispo".
       aggregation: see `aggregate_loss`.
       max_completion_length: L of aggregation="seq-mean-token-sum-norm".
+      token_weights: `[B, T]` constant weights of each token's policy-gradient term (not of its KL term),
+        e.g. `rollout_correction`'s importance weights; None: all 1.
 
     Returns:
       (loss, metrics): a float32 scalar and a dict of float32 scalars: pg_loss, kl (with a reference),
@@ -210,6 +218,9 @@ def policy_loss(
     if loss_type == "gspo":
         lengths = jnp.maximum(mask.sum(axis=-1, keepdims=True), 1)  # [B, 1]
         seq_log_ratio = log_ratio.sum(axis=-1, keepdims=True) / lengths  # [B, 1]
+        # Bounded above (a constant, so no gradient changes): e^88 overflows float32, and a stale batch can
+        # reach it; at e^20 the ratio is far outside any clip range already.
+        seq_log_ratio = jnp.minimum(seq_log_ratio, GSPO_LOG_RATIO_BOUND)
         log_ratio = jax.lax.stop_gradient(seq_log_ratio) + logprobs - jax.lax.stop_gradient(logprobs)
     ratio = jnp.exp(log_ratio)  # [B, T]
     clipped_ratio = jnp.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
@@ -228,6 +239,9 @@ def policy_loss(
         per_token = -surrogate
         clipped_low, clipped_high = below & (advantages < 0) & mask, above & (advantages > 0) & mask
 
+    if token_weights is not None:
+        chex.assert_equal_shape([logprobs, token_weights], custom_message="logprobs vs token_weights")
+        per_token = per_token * jax.lax.stop_gradient(jnp.where(mask, token_weights, 0.0))
     pg_loss = aggregate_loss(per_token, mask, aggregation, max_completion_length)
     if ref_logprobs is not None:
         chex.assert_equal_shape([logprobs, ref_logprobs], custom_message="logprobs vs ref_logprobs")
@@ -254,6 +268,59 @@ def policy_loss(
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
+def rollout_correction(
+    old_logprobs: chex.Array,
+    behaviour_logprobs: chex.Array,
+    mask: chex.Array,
+    *,
+    mode: Correction = "tis",
+    cap: float = 2.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Importance weights for tokens sampled by a behaviour policy mu that is not pi_old.
+
+    The policy loss's ratio pi_theta / pi_old assumes the tokens came from pi_old. When they came from mu (a
+    rollout sampled one step earlier while the previous update ran, or a sampler whose numerics differ from
+    the training forward's), each token's policy-gradient term is weighted by w_t = pi_old(o_t) / mu(o_t)
+    (decoupled PPO, arXiv 2110.00641): truncated at `cap` ("tis": min(w_t, cap), as verl's and TRL's
+    truncated importance sampling) or dropped above it ("mis": w_t if w_t <= cap else 0, masked importance
+    sampling), so a token the sampler drew far more often than pi_old would cannot dominate the update.
+
+    Args:
+      old_logprobs: `[B, T]` log pi_old (the policy the update starts from); constant.
+      behaviour_logprobs: `[B, T]` log mu, the sampler's own log-probs of its tokens; constant.
+      mask: `[B, T]` bool, true on completion tokens.
+      mode: "tis", "mis", or "none" (weights 1).
+      cap: C > 0, the largest weight kept.
+
+    Returns:
+      (weights `[B, T]`, 0 off the mask, for `policy_loss(token_weights=)`; metrics: is_weight_mean (of
+      the weights used), is_ratio_max (of the raw w_t, log-ratio bounded at 80 so it stays finite) and
+      is_capped_fraction (share of tokens with w_t > cap)).
+    """
+    check_option("rollout correction mode", mode, CORRECTIONS)
+    chex.assert_equal_shape([old_logprobs, behaviour_logprobs, mask],
+                            custom_message="old_logprobs/behaviour_logprobs/mask")
+    if not cap > 0:
+        raise ValueError(f"rollout correction cap={cap} must be > 0 (e.g. 2.0).")
+    mask = jnp.asarray(mask).astype(bool)
+    log_ratio = jnp.where(mask, jnp.asarray(old_logprobs, jnp.float32)
+                          - jnp.asarray(behaviour_logprobs, jnp.float32), 0.0)
+    ratio = jnp.exp(jnp.minimum(log_ratio, 80.0))  # e^80 is finite in float32 and far above any cap
+    capped = (ratio > cap) & mask
+    if mode == "tis":
+        weights = jnp.minimum(ratio, cap)
+    elif mode == "mis":
+        weights = jnp.where(capped, 0.0, ratio)
+    else:
+        weights = jnp.ones_like(ratio)
+    weights = jax.lax.stop_gradient(jnp.where(mask, weights, 0.0))
+    has_tokens = mask.any()
+    metrics = dict(is_weight_mean=_masked_mean(weights, mask),
+                   is_ratio_max=jnp.where(has_tokens, jnp.where(mask, ratio, 0.0).max(), 1.0),
+                   is_capped_fraction=_masked_mean(capped, mask))
+    return weights, metrics
+
+
 def value_loss(
     values: chex.Array,
     old_values: chex.Array,
@@ -263,7 +330,7 @@ def value_loss(
     clip_range: float | None = 0.2,
     aggregation: Aggregation = "token-mean",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """PPO's critic loss: L = agg_t 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -c, c) - R_t)^2).
+    """PPO's critic loss: L = agg_t 0.5 * max((V_t - R_t)^2, (clip(V_t, V_old_t - c, V_old_t + c) - R_t)^2).
 
     The clipped value objective of the PPO reference implementation (OpenAI baselines ppo2; Ouyang et al.
     2022 and Ziegler et al. 2019 for language models): the new value may not move the loss below what a
@@ -282,7 +349,8 @@ def value_loss(
       (loss, metrics): the scalar loss and float32 scalars value_loss, value_clip_fraction (share of tokens
       whose clipped error was the larger one, so their gradient is zero), value_mean, return_mean and
       explained_variance = 1 - Var(R - V) / Var(R) over the masked tokens (1: perfect, <= 0: no better
-      than predicting the mean).
+      than predicting the mean), bounded below at -1: when the returns hardly vary the ratio explodes
+      (-199 for a residual variance 200 times theirs) and says nothing more than -1 does.
     """
     check_option("aggregation", aggregation, AGGREGATIONS)
     chex.assert_rank([values, old_values, returns, mask], 2, custom_message="values/old_values/returns/mask")
@@ -298,7 +366,9 @@ def value_loss(
     if clip_range is None:
         per_token, clipped = 0.5 * error, jnp.zeros_like(mask)
     else:
-        clipped_values = old_values + jnp.clip(values - old_values, -clip_range, clip_range)
+        # Clipped as values, not as a step added back to old_values: inside the range the clipped value is
+        # then exactly V (old + (V - old) differs from V in float32 and would count as clipped).
+        clipped_values = jnp.clip(values, old_values - clip_range, old_values + clip_range)
         clipped_error = jnp.square(clipped_values - returns)
         per_token, clipped = 0.5 * jnp.maximum(error, clipped_error), (clipped_error > error) & mask
     loss = aggregate_loss(per_token, mask, aggregation)
@@ -308,5 +378,5 @@ def value_loss(
     return_var = _masked_mean(jnp.square(returns - return_mean), mask)
     metrics = dict(value_loss=loss, value_clip_fraction=_masked_mean(clipped, mask),
                    value_mean=_masked_mean(values, mask), return_mean=return_mean,
-                   explained_variance=1.0 - residual_var / jnp.maximum(return_var, 1e-8))
+                   explained_variance=jnp.maximum(1.0 - residual_var / jnp.maximum(return_var, 1e-8), -1.0))
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

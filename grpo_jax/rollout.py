@@ -19,12 +19,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from grpo_jax import sharding
-from grpo_jax._validation import check_fields, finite
+from grpo_jax._validation import check_fields, check_option, finite
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.rewards import overlong_penalty
 from grpo_jax.sampling import SampleOutput, SamplingConfig, sample
 
 RewardFn = Callable[[Sequence[Any], Sequence[Sequence[int]]], Any]
+PIPELINES = ("sync", "one_step_off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +40,13 @@ class RolloutConfig:
     overlong_buffer: int = 0  # L_cache of DAPO eq. 13, in tokens (0: no soft overlong penalty)
     overlong_penalty: float = 1.0  # scale of that penalty
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
+    # "sync": each iteration samples, then updates. "one_step_off": the next iteration's rollout is sampled
+    # (from the params before this update) while this update runs, so each update trains on a rollout one
+    # step stale; pair it with config.loss.rollout_correction. See `Trainer.iteration`.
+    pipeline: str = "sync"
 
     def __post_init__(self):
+        check_option("config.rollout.pipeline", self.pipeline, PIPELINES)
         check_fields("config.rollout", [
             ("num_prompts", self.num_prompts, self.num_prompts >= 1, "must be >= 1"),
             ("max_resample_rounds", self.max_resample_rounds, self.max_resample_rounds >= 0, "must be >= 0"),

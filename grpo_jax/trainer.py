@@ -9,6 +9,10 @@ One iteration (`Trainer.iteration`):
                log pi_ref (only when beta != 0), log pi_old (only when mu > 1)
   3. update    mu epochs x num_minibatches jitted `update.train_step`s, each minibatch gathered in jit
   4. reference DeepSeekMath iterative GRPO: pi_ref <- pi_theta every `ref_update_every` iterations
+With config.rollout.pipeline="one_step_off" the rollout of iteration t+1 is sampled (from a copy of the params
+before update t, in a thread of its own) while update t runs: each update trains on a rollout one step stale,
+which config.loss.rollout_correction reweights. A `prefetch=False` iteration samples nothing ahead (the
+trainer is then in the state a checkpoint records), so a run resumed from any checkpoint is exact.
 
 With config.algo="ppo" the same loop is PPO with a learned critic (`grpo_jax.critic`), the baseline GRPO is
 measured against. The config has one section per stage (`GRPOConfig`), each validated where it is defined.
@@ -16,6 +20,7 @@ measured against. The config has one section per stage (`GRPOConfig`), each vali
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -107,6 +112,9 @@ class Trainer:
                            else None)
         self.step, self.data_position, self.key = 0, 0, jax.random.key(cfg.seed)
         self.last_rollout: rollout_lib.Rollout | None = None
+        self._next_rollout: concurrent.futures.Future | None = None  # one_step_off: being sampled
+        self._rollout_thread = (concurrent.futures.ThreadPoolExecutor(1, "grpo_jax-rollout")
+                                if cfg.rollout.pipeline == "one_step_off" else None)
         # The batch is laid out where it is made, rows over the data axes; the train step takes it as it is.
         batch_sharding = sharding.rows_sharding(self.mesh, cfg.rollout.num_prompts)
         minibatch_sharding = sharding.rows_sharding(
@@ -142,10 +150,25 @@ class Trainer:
             params = jax.device_put(params, sharding.param_shardings(params, mesh))
         return nnx.merge(self.graphdef, params)
 
-    def collect(self, key: jax.Array) -> rollout_lib.Rollout:
-        """Stage 1: a scored rollout from the current policy on the rollout mesh."""
-        return rollout_lib.collect(self.policy(self.rollout_mesh), self.next_examples, key, self.cfg.sampling,
-                                   self.cfg.rollout, self.reward_fn, mesh=self.rollout_mesh)
+    def collect(self, key: jax.Array, policy: Transformer | None = None) -> rollout_lib.Rollout:
+        """Stage 1: a scored rollout from `policy` (default: the current one) on the rollout mesh."""
+        policy = self.policy(self.rollout_mesh) if policy is None else policy
+        return rollout_lib.collect(policy, self.next_examples, key, self.cfg.sampling, self.cfg.rollout,
+                                   self.reward_fn, mesh=self.rollout_mesh)
+
+    def sample_key(self, step: int) -> tuple[jax.Array, jax.Array]:
+        """(sampling key, shuffle key) of iteration `step`: they derive from (seed, step), so a resumed run
+        draws exactly the keys the straight run drew."""
+        return jax.random.split(jax.random.fold_in(self.key, jax.device_put(np.uint32(step))))
+
+    def _start_next_rollout(self) -> None:
+        """one_step_off: sample iteration step+1's rollout in the rollout thread from a copy of the current
+        params (the train step donates the originals), while this iteration's update runs."""
+        model = self.policy(self.rollout_mesh)
+        graphdef, params = nnx.split(model)
+        params = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), params))
+        key = self.sample_key(self.step + 1)[0]
+        self._next_rollout = self._rollout_thread.submit(self.collect, key, nnx.merge(graphdef, params))
 
     def batch(self, rollout: rollout_lib.Rollout) -> dict[str, jax.Array]:
         """Stage 2: the rollout's device arrays on the training mesh with its rewards, prepared to update."""
@@ -166,12 +189,21 @@ class Trainer:
             metrics.append(step_metrics)
         return metrics
 
-    def iteration(self) -> dict[str, float]:
-        """One iteration of the four stages; returns its metrics."""
-        # Keys derive from (seed, step): a resumed run draws exactly the keys the straight run drew.
-        step = jax.device_put(np.uint32(self.step))
-        sample_key, shuffle_key = jax.random.split(jax.random.fold_in(self.key, step))
-        rollout = self.last_rollout = self.collect(sample_key)
+    def iteration(self, prefetch: bool = True) -> dict[str, float]:
+        """One iteration of the four stages; returns its metrics. Under the one_step_off pipeline its rollout
+        is the one sampled during the previous iteration (if that one prefetched), and with `prefetch` the
+        next iteration's starts before this update."""
+        begin = time.perf_counter()
+        sample_key, shuffle_key = self.sample_key(self.step)
+        staleness = 0.0
+        if self._next_rollout is not None:
+            rollout, self._next_rollout, staleness = self._next_rollout.result(), None, 1.0
+        else:
+            rollout = self.collect(sample_key)
+        self.last_rollout = rollout
+        time_waited = time.perf_counter() - begin
+        if self._rollout_thread is not None and prefetch:
+            self._start_next_rollout()
         start = time.perf_counter()
         batch = jax.block_until_ready(self.batch(rollout))
         time_prepare, start = time.perf_counter() - start, time.perf_counter()
@@ -181,7 +213,18 @@ class Trainer:
         every = self.cfg.updates.ref_update_every
         if every and self.cfg.loss.beta and self.step % every == 0:
             self.ref_params = jax.tree.map(lambda x: x.copy(), self.state.params)
-        return self._metrics(rollout, update_metrics, time_prepare, time_update)
+        metrics = self._metrics(rollout, update_metrics, time_prepare, time_update)
+        metrics.update(rollout_staleness=staleness, time_iteration=time.perf_counter() - begin)
+        if self._rollout_thread is not None:  # the time this iteration waited for its rollout
+            metrics["time_rollout_wait"] = time_waited
+        return metrics
+
+    def drain(self) -> None:
+        """Wait for a rollout being sampled ahead and drop it, with the examples it took: the trainer is then
+        as if it had not prefetched (the next iteration samples its own rollout)."""
+        if self._next_rollout is not None:
+            future, self._next_rollout = self._next_rollout, None
+            self.data_position -= future.result().prompts_sampled
 
     def _metrics(self, rollout, update_metrics, time_prepare, time_update) -> dict[str, float]:
         metrics = {"step": self.step, **rollout_lib.rollout_metrics(rollout, self.cfg.sampling.group_size)}
@@ -317,7 +360,9 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
                 print_fn(f"step {trainer.step + 1}: compiling the sampler and the train step (once per "
                          "process; cached on disk when JAX's compilation cache is on) ...")
                 start = time.perf_counter()
-            history.append(trainer.iteration())
+            # Nothing is sampled ahead of a step that saves: the checkpoint then holds all the run's state.
+            done = trainer.step + 1
+            history.append(trainer.iteration(prefetch=done % checkpoint_every != 0 and done < num_steps))
             if eval_every and trainer.step % eval_every == 0:
                 history[-1].update(evaluate())
             if len(history) == 1:
@@ -331,6 +376,7 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
             if trainer.step % checkpoint_every == 0 or trainer.step == num_steps:
                 trainer.save(checkpointer)
     finally:
+        trainer.drain()
         if writer is not None:
             writer.close()
         checkpointer.close()

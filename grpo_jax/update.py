@@ -47,10 +47,16 @@ class LossConfig:
     beta: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0  # loss -= entropy_coef * aggregated entropy
+    # Tokens sampled by another policy than pi_old (config.rollout.pipeline="one_step_off", or a sampler
+    # whose numerics differ): weight each token by pi_old / pi_sampler, truncated ("tis") or masked ("mis")
+    # above correction_cap (`losses.rollout_correction`); "none": no weight.
+    rollout_correction: str = "none"
+    correction_cap: float = 2.0
 
     def __post_init__(self):
         for name, allowed in (("loss_type", losses.LOSS_TYPES), ("aggregation", losses.AGGREGATIONS),
-                              ("kl_estimator", losses.KL_ESTIMATORS)):
+                              ("kl_estimator", losses.KL_ESTIMATORS),
+                              ("rollout_correction", losses.CORRECTIONS)):
             check_option(f"config.loss.{name}", getattr(self, name), allowed)
         check_fields("config.loss", [
             ("epsilon", self.epsilon, finite(self.epsilon) and self.epsilon >= 0, "must be a number >= 0"),
@@ -63,6 +69,8 @@ class LossConfig:
              "does not apply to loss_type='cispo'; set it to None"),
             ("beta", self.beta, finite(self.beta) and self.beta >= 0, "must be a number >= 0 (0: no KL)"),
             ("entropy_coef", self.entropy_coef, finite(self.entropy_coef), "must be a finite number"),
+            ("correction_cap", self.correction_cap, finite(self.correction_cap) and self.correction_cap > 0,
+             "must be a number > 0 (e.g. 2.0)"),
         ])
 
     def policy_loss(self, max_completion_length: int, *, beta: float | None = None) -> LossFn:
@@ -243,7 +251,8 @@ def prepare_batch(state: TrainState, ref_params: nnx.State | None, batch: dict[s
                                                               scale=a.scale, eps=a.eps)
     else:
         batch.update(critic_lib.ppo_targets(state.critic, graphdef, {**batch, "scores": rewards}, o.ppo,
-                                            beta=o.loss.beta, kl_estimator=o.loss.kl_estimator))
+                                            beta=o.loss.beta, kl_estimator=o.loss.kl_estimator,
+                                            group_size=o.group_size, parts=o.parts))
     return batch
 
 
@@ -274,7 +283,13 @@ def _objective(trained, base, graphdef, batch, loss_fn: LossFn, options: StepOpt
     logprobs, entropy = out if entropy_coef else (out, None)
     mask = batch["completion_mask"]
     old = batch["old_logprobs"] if o.updates.mu > 1 else jax.lax.stop_gradient(logprobs)
-    loss, metrics = loss_fn(logprobs, old, batch["advantages"], mask, ref_logprobs=batch.get("ref_logprobs"))
+    extra, correction_metrics = {}, {}
+    if o.loss.rollout_correction != "none":  # the sampler's tokens, weighted by pi_old / pi_sampler
+        extra["token_weights"], correction_metrics = losses.rollout_correction(
+            old, batch["sample_logprobs"], mask, mode=o.loss.rollout_correction, cap=o.loss.correction_cap)
+    loss, metrics = loss_fn(logprobs, old, batch["advantages"], mask, ref_logprobs=batch.get("ref_logprobs"),
+                            **extra)
+    metrics.update(correction_metrics)
     if entropy is not None:
         max_length = o.max_new_tokens if o.loss.aggregation == "seq-mean-token-sum-norm" else None
         mean_entropy = losses.aggregate_loss(entropy, mask, o.loss.aggregation, max_length)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from grpo_jax import aggregate_loss, aggregation_denominator, kl_divergence, policy_loss
+from grpo_jax import aggregate_loss, aggregation_denominator, kl_divergence, policy_loss, rollout_correction
 
 AGGREGATIONS = ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 
@@ -414,3 +414,62 @@ def test_parts_weighted_by_their_denominator_give_the_whole_aggregate(mode):
     assert combined == pytest.approx(whole, rel=1e-6)
     equal_weights = np.mean([float(aggregate_loss(values[p], mask[p], mode)) for p in parts])
     assert abs(equal_weights - whole) > 1e-3  # plain averaging of the parts would be wrong here
+
+
+def test_rollout_correction_truncates_or_masks_the_importance_weight():
+    """w = pi_old / pi_sampler per token: tis keeps min(w, cap), mis drops tokens with w > cap."""
+    old = jnp.log(jnp.array([[0.5, 0.2, 0.9, 0.3]]))
+    behaviour = jnp.log(jnp.array([[0.5, 0.4, 0.3, 0.1]]))  # w = 1, 0.5, 3, 3 (the last one off the mask)
+    mask = jnp.array([[True, True, True, False]])
+    tis, metrics = rollout_correction(old, behaviour, mask, mode="tis", cap=2.0)
+    np.testing.assert_allclose(tis, [[1.0, 0.5, 2.0, 0.0]], rtol=1e-6)
+    mis, _ = rollout_correction(old, behaviour, mask, mode="mis", cap=2.0)
+    np.testing.assert_allclose(mis, [[1.0, 0.5, 0.0, 0.0]], rtol=1e-6)
+    none, _ = rollout_correction(old, behaviour, mask, mode="none")
+    np.testing.assert_array_equal(none, [[1.0, 1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(metrics["is_weight_mean"], 3.5 / 3, rtol=1e-6)
+    np.testing.assert_allclose(metrics["is_ratio_max"], 3.0, rtol=1e-5)
+    np.testing.assert_allclose(metrics["is_capped_fraction"], 1 / 3, rtol=1e-6)
+    huge, metrics = rollout_correction(jnp.zeros((1, 2)), jnp.full((1, 2), -500.0), jnp.ones((1, 2), bool))
+    assert np.isfinite(metrics["is_ratio_max"]) and np.all(np.asarray(huge) == 2.0)
+
+
+def test_token_weights_scale_each_tokens_policy_gradient_term_only():
+    rng = np.random.default_rng(0)
+    logprobs = jnp.asarray(rng.normal(-1, 0.3, (4, 6)), jnp.float32)
+    old = logprobs + jnp.asarray(rng.normal(0, 0.1, (4, 6)), jnp.float32)
+    ref = logprobs + 0.2
+    advantages = jnp.asarray(rng.normal(size=4), jnp.float32)
+    mask = jnp.asarray(rng.random((4, 6)) < 0.8)
+    weights = jnp.asarray(rng.uniform(0, 2, (4, 6)), jnp.float32)
+    options = dict(ref_logprobs=ref, beta=0.1, aggregation="token-mean")
+    weighted, m = policy_loss(logprobs, old, advantages, mask, token_weights=weights, **options)
+    plain, m_plain = policy_loss(logprobs, old, advantages, mask, **options)
+    ratio = jnp.exp(logprobs - old)
+    surrogate = jnp.minimum(ratio * advantages[:, None], jnp.clip(ratio, 0.8, 1.2) * advantages[:, None])
+    expected_pg = jnp.where(mask, -surrogate * weights, 0.0).sum() / mask.sum()
+    np.testing.assert_allclose(m["pg_loss"], expected_pg, rtol=1e-5)
+    np.testing.assert_allclose(m["kl"], m_plain["kl"], rtol=1e-6)  # the KL term is not weighted
+    np.testing.assert_allclose(weighted - m["pg_loss"], plain - m_plain["pg_loss"], atol=1e-6)
+    grad_weights = jax.grad(lambda w: policy_loss(logprobs, old, advantages, mask, token_weights=w,
+                                                  **options)[0])(weights)
+    np.testing.assert_array_equal(grad_weights, 0.0)  # constants: no gradient reaches them
+
+
+def test_gspo_sequence_ratio_of_a_very_stale_batch_stays_finite():
+    """A sequence log-ratio of 100 (exp overflows float32 past ~88) gives a finite loss and gradient: the
+    ratio is bounded at e^20, far outside the clip range, so negative advantages are clipped as before."""
+    logprobs = jnp.zeros((2, 3))
+    old = jnp.full((2, 3), -100.0)
+    mask = jnp.ones((2, 3), bool)
+    advantages = jnp.array([1.0, -1.0])
+
+    def loss(lp):
+        return policy_loss(lp, old, advantages, mask, loss_type="gspo", dual_clip=3.0)[0]
+
+    value, grad = jax.value_and_grad(loss)(logprobs)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    _, metrics = policy_loss(logprobs, old, advantages, mask, loss_type="gspo")
+    assert float(metrics["ratio_max"]) == pytest.approx(np.exp(20.0), rel=1e-5)
+    unbounded = policy_loss(logprobs, old, advantages, mask, loss_type="grpo", dual_clip=3.0)[0]
+    assert float(value) == pytest.approx(float(unbounded))  # the same clipped objective as token ratios

@@ -14,7 +14,8 @@ import pytest
 from grpo_jax.metrics import read_jsonl
 
 SCRIPT = Path(__file__).parent / "scripts" / "toy_run.py"
-TIMING_KEYS = ("time", "time_sampling", "time_rewards", "time_reference", "time_update", "tokens_per_second")
+TIMING_KEYS = ("time", "time_sampling", "time_rewards", "time_reference", "time_update", "tokens_per_second",
+               "time_iteration", "time_rollout_wait")
 
 
 def command(workdir, steps, *extra):
@@ -43,10 +44,15 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-@pytest.mark.parametrize("variant", ["ppo", "lora"])  # GRPO: the main command's kill trials below
+VARIANTS = {"ppo": ("--algo", "ppo"), "lora": ("--lora_rank", "4"),
+            # steps 3 and 5 sample the next rollout during their update; steps 2, 4, 6 save
+            "one_step_off": ("--pipeline", "one_step_off", "--checkpoint_every", "2")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))  # GRPO: the main command's kill trials below
 def test_resume_after_sigkill_is_exact(tmp_path, variant):
-    steps = 4
-    options = ("--algo", "ppo") if variant == "ppo" else ("--lora_rank", "4")
+    steps = 6 if variant == "one_step_off" else 4
+    options = VARIANTS[variant]
     cache = tmp_path / "compilation_cache"
     run(tmp_path / "straight", steps, *options, cache=cache)
     # Same command, killed once step 2's checkpoint exists, then run again to the end.
@@ -73,6 +79,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, variant):
     resumed_metrics = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in resumed_metrics] == list(range(1, steps + 1))
     assert comparable(straight_metrics) == comparable(resumed_metrics)
+    staleness = [r["rollout_staleness"] for r in straight_metrics]
+    assert staleness == ([0, 1, 0, 1, 0, 1] if variant == "one_step_off" else [0] * steps)
 
 
 def free_port():

@@ -252,10 +252,39 @@ def test_mu_two_second_epoch_moves_ratio_and_clips():
     assert first["clip_fraction"] == 0.0 and first["ratio_max"] == pytest.approx(1.0)
 
 
-def test_learns_the_toy_task():
-    trainer = make_trainer(learning_rate=1e-2)
+@pytest.mark.parametrize("pipeline", [dict(), dict(pipeline="one_step_off", rollout_correction="tis")])
+def test_learns_the_toy_task(pipeline):
+    trainer = make_trainer(learning_rate=1e-2, **pipeline)
     rewards = [trainer.iteration()["reward_mean"] for _ in range(12)]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3
+
+
+def test_one_step_off_trains_each_step_on_the_rollout_the_previous_params_sampled():
+    """Step 1 is the synchronous step; step 2 trains on the rollout sampled from the params before step 1's
+    update (with step 2's key and the next examples), sampled while that update ran."""
+    off = make_trainer(pipeline="one_step_off", rollout_correction="tis")
+    sync = make_trainer(rollout_correction="tis")  # tis weights ~1 on policy, not exactly 1: the same loss
+    before = make_trainer()  # the initial params, to sample what step 2 should train on
+    first, sync_first = off.iteration(), sync.iteration()
+    for a, b in zip(jax.tree.leaves(off.state.params), jax.tree.leaves(sync.state.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # step 1 is the same update
+    assert first["rollout_staleness"] == 0 and sync_first["rollout_staleness"] == 0
+    before.data_position = FIELDS["num_prompts"]
+    expected = before.collect(before.sample_key(1)[0])
+    second = off.iteration()
+    np.testing.assert_array_equal(off.last_rollout.tokens, expected.tokens)
+    np.testing.assert_array_equal(off.last_rollout.rewards, expected.rewards)
+    assert [e["id"] for e in off.last_rollout.examples] == [e["id"] for e in expected.examples]
+    assert second["rollout_staleness"] == 1
+    assert second["rollout_kl"] > 1e-6 and second["rollout_logprob_diff_max"] > 1e-3  # stale: off-policy
+    assert 0 < second["is_weight_mean"] and second["is_ratio_max"] > 1.0
+    # Without prefetch nothing is sampled ahead: the next step samples its own rollout from current params.
+    off.iteration(prefetch=False)
+    assert off.iteration()["rollout_staleness"] == 0
+    position = off.data_position
+    off.drain()  # drops the rollout sampled ahead for step 5, with the examples it took
+    assert off.data_position == position - FIELDS["num_prompts"]
+    assert off.iteration()["rollout_staleness"] == 0
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups():
@@ -353,6 +382,10 @@ def test_non_finite_update_is_skipped_and_counted():
     (dict(kl_in_reward=True), "config.ppo.kl_in_reward=True needs config.algo='ppo'"),
     (dict(algo="a2c"), "config.algo='a2c'"),
     (dict(gae_lambda=1.5), "config.ppo.gae_lambda=1.5"),
+    (dict(pipeline="async"), "config.rollout.pipeline='async' is not supported; use one of ('sync', "
+                             "'one_step_off')"),
+    (dict(rollout_correction="is"), "config.loss.rollout_correction='is'"),
+    (dict(correction_cap=0.0), "config.loss.correction_cap=0.0 must be a number > 0"),
 ])
 def test_config_errors_name_the_path_the_value_and_the_fix(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -11,11 +11,19 @@ prompts.json holds a list of token-id lists. Sampling at temperature 1 with no t
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import time
 
 import torch
 import transformers
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory (VmHWM: its own, not inherited from the process that started
+    it, as getrusage's maxrss is)."""
+    with open("/proc/self/status", encoding="utf-8") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) / 1024
 
 
 def main() -> None:
@@ -50,7 +58,7 @@ def main() -> None:
     assert out.shape == (ids.shape[0], ids.shape[1] + args.new_tokens)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps({"seconds": seconds, "median": statistics.median(seconds),
-                      "threads": torch.get_num_threads(), "versions": versions}))
+                      "threads": torch.get_num_threads(), "versions": versions, "peak_mib": peak_mib()}))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ group per gradient-accumulation microbatch, AdamW lr 1e-6, float32. Prints one J
 import argparse
 import json
 import pathlib
+import re
 import tempfile
 import time
 
@@ -35,6 +36,13 @@ class StepTimer(transformers.TrainerCallback):
 
 def length_reward(completions, **kwargs):
     return [float(len(c) % 3) for c in completions]  # cheap, varied within groups
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory (VmHWM: its own, not inherited from the process that started
+    it, as getrusage's maxrss is)."""
+    with open("/proc/self/status", encoding="utf-8") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) / 1024
 
 
 def main() -> None:
@@ -78,7 +86,7 @@ def main() -> None:
     lengths = [h[key] for h in trainer.state.log_history if key in h]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
     print(json.dumps({"step_seconds": timer.seconds, "completion_lengths": lengths,
-                      "threads": torch.get_num_threads(), "versions": versions}))
+                      "threads": torch.get_num_threads(), "versions": versions, "peak_mib": peak_mib()}))
 
 
 if __name__ == "__main__":

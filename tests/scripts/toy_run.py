@@ -23,6 +23,8 @@ parser.add_argument("--rollout_mesh", default="", help="sampling's own mesh; emp
 parser.add_argument("--adam_eps", type=float, default=1e-8)
 parser.add_argument("--algo", default="grpo", help="grpo, or ppo (a critic, KL in the reward)")
 parser.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (0: all params)")
+parser.add_argument("--pipeline", default="sync", help="config.rollout.pipeline")
+parser.add_argument("--checkpoint_every", type=int, default=1)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -52,8 +54,9 @@ def reward_fn(examples, completions):
 
 cfg = GRPOConfig.from_dict(dict(
     sampling=dict(group_size=4, max_new_tokens=6, buckets=(8,), stop_tokens=(1,)),
-    rollout=dict(num_prompts=8),
-    loss=dict(beta=0.04), optimizer=dict(learning_rate=1e-2, adam_eps=args.adam_eps),
+    rollout=dict(num_prompts=8, pipeline=args.pipeline),
+    loss=dict(beta=0.04, rollout_correction="tis" if args.pipeline == "one_step_off" else "none"),
+    optimizer=dict(learning_rate=1e-2, adam_eps=args.adam_eps),
     updates=dict(mu=2, num_minibatches=2), ppo=dict(kl_in_reward=args.algo == "ppo"),
     lora=dict(rank=args.lora_rank), algo=args.algo, seed=3))
 mesh = sharding.make_mesh(args.mesh)
@@ -66,7 +69,8 @@ if args.no_checkpoints:
     while trainer.step < args.steps:
         print(f"step {trainer.step + 1}: reward {trainer.iteration()['reward_mean']:.3f}", flush=True)
 else:
-    train(trainer, workdir, args.steps, checkpoint_every=1, print_fn=lambda line: print(line, flush=True))
+    train(trainer, workdir, args.steps, checkpoint_every=args.checkpoint_every,
+          print_fn=lambda line: print(line, flush=True))
 leaves = jax.tree_util.tree_leaves_with_path({"policy": trainer.state.params, "critic": trainer.state.critic})
 np.savez(workdir / f"params_{jax.process_index()}.npz",
          **{jax.tree_util.keystr(path): sharding.to_host(leaf) for path, leaf in leaves})
