@@ -13,7 +13,8 @@ sampler: 8 ChatML prompts x G=8, temperature 1, exactly 128 new tokens (no stop 
 iteration: whole GRPO iterations at TRL GRPOTrainer's work: 4 ChatML prompts x G=8, exactly 64 completion
   tokens, temperature 1, beta 0, AdamW lr 1e-6, one group per gradient-accumulation microbatch, float32.
   grpo_jax's median of iterations 2.. (the first compiles) with its split, against TRL's median of steps 2..,
-  and each one's peak host memory.
+  and each one's peak host memory. With --pipelines=sync,one_step_off, also the iteration time when each
+  iteration's update runs while the next rollout is sampled (config.rollout.pipeline).
 compile: the sampler's compilation + first call in a fresh process, with an empty persistent compilation
   cache and then again with the cache the first process filled.
 
@@ -54,6 +55,8 @@ _TORCH_PYTHON = flags.DEFINE_string(
     "the peers are not measured).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "sampler: timed calls; iteration: timed iterations/steps.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "The peers' torch threads (0: torch's default).")
+_PIPELINES = flags.DEFINE_list("pipelines", ["sync"], "iteration: config.rollout.pipeline values to time, "
+                               "each on its own trainer (e.g. sync,one_step_off).")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Two-digit x one-digit questions: every one is the same number of tokens in the chat template.
@@ -152,19 +155,24 @@ def bench_iteration() -> None:
     model, tokenizer = load_pretrained(path), load_tokenizer(str(path))
     texts, prompts = chat_prompts(tokenizer, 4)
     group, new_tokens = 8, 64
-    cfg = GRPOConfig.from_dict(dict(
-        sampling=dict(group_size=group, max_new_tokens=new_tokens, temperature=1.0,
-                      buckets=(len(prompts[0]),)),
-        rollout=dict(num_prompts=len(prompts)), loss=dict(beta=0.0), optimizer=dict(learning_rate=1e-6),
-        updates=dict(grad_accum_steps=len(prompts))))
-    trainer = Trainer(model, cfg, [{"prompt_tokens": p} for p in prompts], constant_reward)
-    runs = []
-    for _ in range(1 + _REPEATS.value):
-        start = time.perf_counter()
-        metrics = trainer.iteration()
-        runs.append((time.perf_counter() - start, metrics))
-    assert all(m["completion_length_mean"] == new_tokens for _, m in runs)
+    pipelines = {}
+    for pipeline in _PIPELINES.value:
+        cfg = GRPOConfig.from_dict(dict(
+            sampling=dict(group_size=group, max_new_tokens=new_tokens, temperature=1.0,
+                          buckets=(len(prompts[0]),)),
+            rollout=dict(num_prompts=len(prompts), pipeline=pipeline), loss=dict(beta=0.0),
+            optimizer=dict(learning_rate=1e-6), updates=dict(grad_accum_steps=len(prompts))))
+        trainer = Trainer(model, cfg, [{"prompt_tokens": p} for p in prompts], constant_reward)
+        runs = []
+        for _ in range(1 + _REPEATS.value):
+            start = time.perf_counter()
+            metrics = trainer.iteration()
+            runs.append((time.perf_counter() - start, metrics))
+        trainer.drain()
+        assert all(m["completion_length_mean"] == new_tokens for _, m in runs)
+        pipelines[pipeline] = runs
     memory = peak_mib()
+    runs = pipelines[_PIPELINES.value[0]]
     roofline.measure()
     with tempfile.TemporaryDirectory() as directory:
         prompt_file = pathlib.Path(directory) / "prompts.json"
@@ -188,6 +196,13 @@ def bench_iteration() -> None:
           f"{needed / seconds / 1e9 / roofline.median:.0%} of the median roofline; sampling "
           f"{flops['sampling'] / split['sampling'] / 1e9:.0f} GFLOP/s, update "
           f"{flops['update'] / split['update'] / 1e9:.0f} GFLOP/s")
+    for pipeline, other in list(pipelines.items())[1:]:
+        times = [t for t, _ in other[1:]]
+        waited = statistics.median(m.get("time_rollout_wait", 0.0) for _, m in other[1:])
+        print(f"  rollout.pipeline={pipeline}: {statistics.median(times):.2f} s/iteration (median of "
+              f"{', '.join(f'{t:.2f}' for t in times)}; waiting for the rollout sampled ahead "
+              f"{waited:.2f} s) "
+              f"-> {seconds / statistics.median(times):.2f}x the {_PIPELINES.value[0]} pipeline's speed")
     if peer is None:
         print("  TRL GRPOTrainer: not measured (pass --torch_python)")
         return

@@ -446,6 +446,10 @@ COMMANDS = (
     Row("bench-timed", r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step)( .*)?",
         "minutes at their fixed sizes: the README's flags are parsed by benchmark.py's own flags and the "
         "bench exists", exercise_timed_benches),
+    Row("bench-smollm2", r"python experiments/bench_smollm2\.py --bench=(sampler|iteration|compile)( .*)?",
+        "minutes at SmolLM2's size, with a torch environment for the peers: the README's flags are parsed by "
+        "bench_smollm2.py's own flags and the bench exists; its measuring tools are tests/test_profiling.py",
+        exercise_timed_benches),
     Row("robustness", r"python experiments/robustness\.py .*",
         "flags parsed by robustness.py's own flags (modes checked); a shortened run is "
         "tests/test_experiments.py::test_robustness_runs_each_seed_and_mode_...", exercise_robustness),
