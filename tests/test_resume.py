@@ -116,7 +116,8 @@ def test_the_same_seed_gives_the_same_run_and_no_key_is_used_twice(tmp_path):
         with jax.debug_key_reuse(True):
             histories.append(run(t, tmp_path / str(attempt), 2))
         params.append(params_of(t))
-    timing = ("time", "time_sampling", "time_rewards", "time_reference", "time_update", "tokens_per_second")
+    timing = ("time", "time_sampling", "time_rewards", "time_reference", "time_update", "tokens_per_second",
+              "time_iteration")
     strip = [[{k: v for k, v in r.items() if k not in timing} for r in h] for h in histories]
     assert strip[0] == strip[1] and len(strip[0]) == 2
     for name in params[0]:
