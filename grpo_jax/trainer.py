@@ -21,6 +21,7 @@ measured against. The config has one section per stage (`GRPOConfig`), each vali
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -112,6 +113,11 @@ class Trainer:
                            else None)
         self.step, self.data_position, self.key = 0, 0, jax.random.key(cfg.seed)
         self.last_rollout: rollout_lib.Rollout | None = None
+        if cfg.rollout.pipeline == "one_step_off" and jax.process_count() > 1:
+            # The sampler's and the train step's collectives would run in two threads, in an order that may
+            # differ between processes.
+            raise ValueError("config.rollout.pipeline='one_step_off' runs in a single process; a "
+                             f"{jax.process_count()}-process run needs config.rollout.pipeline='sync'.")
         self._next_rollout: concurrent.futures.Future | None = None  # one_step_off: being sampled
         self._rollout_thread = (concurrent.futures.ThreadPoolExecutor(1, "grpo_jax-rollout")
                                 if cfg.rollout.pipeline == "one_step_off" else None)
@@ -376,7 +382,9 @@ def train(trainer: Trainer, workdir: str | pathlib.Path, num_steps: int, *, chec
             if trainer.step % checkpoint_every == 0 or trainer.step == num_steps:
                 trainer.save(checkpointer)
     finally:
-        trainer.drain()
+        # After a failure the failure is what is reported, not the rollout sampled ahead.
+        with contextlib.suppress(Exception):
+            trainer.drain()
         if writer is not None:
             writer.close()
         checkpointer.close()
