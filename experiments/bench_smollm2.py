@@ -80,13 +80,26 @@ def chat_prompts(tokenizer, count: int) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-def run_peer(script: str, *args: str) -> dict | None:
-    """The peer's JSON line (its timings, versions and peak memory), or None without --torch_python."""
+def load(count: int):
+    """(GGUF path, roofline measured once, model, tokenizer, `count` chat prompts as texts and as ids)."""
+    path = gguf_path()
+    roofline = profiling.Roofline()
+    roofline.measure()
+    model, tokenizer = load_pretrained(path), load_tokenizer(str(path))
+    return path, roofline, model, *chat_prompts(tokenizer, count)
+
+
+def run_peer(script: str, prompts: list, *args: str) -> dict | None:
+    """The peer's JSON line (its timings, versions and peak memory) on `prompts` (texts or ids, as it
+    reads them) and the bench's GGUF, or None without --torch_python."""
     if not _TORCH_PYTHON.value:
         return None
-    command = [_TORCH_PYTHON.value, str(ROOT / "experiments" / "peers" / script), *args,
-               f"--threads={_THREADS.value}"]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory() as directory:
+        prompt_file = pathlib.Path(directory) / "prompts.json"
+        prompt_file.write_text(json.dumps(prompts), encoding="utf-8")
+        command = [_TORCH_PYTHON.value, str(ROOT / "experiments" / "peers" / script), f"--gguf={gguf_path()}",
+                   f"--prompts={prompt_file}", *args, f"--threads={_THREADS.value}"]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{script} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,11 +112,7 @@ def peak_mib() -> float:
 
 
 def bench_sampler() -> None:
-    path = gguf_path()
-    roofline = profiling.Roofline()
-    roofline.measure()
-    model, tokenizer = load_pretrained(path), load_tokenizer(str(path))
-    _, prompts = chat_prompts(tokenizer, 8)
+    _, roofline, model, _, prompts = load(8)
     new_tokens, group = 128, 8
     cfg = SamplingConfig(max_new_tokens=new_tokens, group_size=group, temperature=1.0,
                          buckets=(len(prompts[0]),))
@@ -113,11 +122,8 @@ def bench_sampler() -> None:
     rows = len(prompts) * group
     shape_step = profiling.matmul_limit_seconds(rows, profiling.decode_matmul_shapes(model.config))
     roofline.measure()
-    with tempfile.TemporaryDirectory() as directory:
-        prompt_file = pathlib.Path(directory) / "prompts.json"
-        prompt_file.write_text(json.dumps(prompts), encoding="utf-8")
-        peer = run_peer("hf_generate.py", f"--gguf={path}", f"--prompts={prompt_file}",
-                        f"--group_size={group}", f"--new_tokens={new_tokens}", f"--repeats={_REPEATS.value}")
+    peer = run_peer("hf_generate.py", prompts, f"--group_size={group}", f"--new_tokens={new_tokens}",
+                    f"--repeats={_REPEATS.value}")
     roofline.measure()
     flops = profiling.grpo_work_flops(model.config, len(prompts), group, len(prompts[0]), new_tokens,
                                       0.0)["sampling"]
@@ -149,11 +155,7 @@ def constant_reward(examples, completions):
 
 
 def bench_iteration() -> None:
-    path = gguf_path()
-    roofline = profiling.Roofline()
-    roofline.measure()
-    model, tokenizer = load_pretrained(path), load_tokenizer(str(path))
-    texts, prompts = chat_prompts(tokenizer, 4)
+    _, roofline, model, texts, prompts = load(4)
     group, new_tokens = 8, 64
     pipelines = {}
     for pipeline in _PIPELINES.value:
@@ -174,11 +176,8 @@ def bench_iteration() -> None:
     memory = peak_mib()
     runs = pipelines[_PIPELINES.value[0]]
     roofline.measure()
-    with tempfile.TemporaryDirectory() as directory:
-        prompt_file = pathlib.Path(directory) / "prompts.json"
-        prompt_file.write_text(json.dumps(texts), encoding="utf-8")
-        peer = run_peer("trl_grpo.py", f"--gguf={path}", f"--prompts={prompt_file}", f"--group_size={group}",
-                        f"--new_tokens={new_tokens}", f"--steps={1 + _REPEATS.value}")
+    peer = run_peer("trl_grpo.py", texts, f"--group_size={group}", f"--new_tokens={new_tokens}",
+                    f"--steps={1 + _REPEATS.value}")
     roofline.measure()
     seconds = statistics.median(t for t, _ in runs[1:])
     split = {k: statistics.median(m[f"time_{k}"] for _, m in runs[1:])
@@ -216,9 +215,7 @@ def bench_iteration() -> None:
 
 
 def bench_first_call() -> None:
-    path = gguf_path()
-    model, tokenizer = load_pretrained(path), load_tokenizer(str(path))
-    _, prompts = chat_prompts(tokenizer, 8)
+    _, _, model, _, prompts = load(8)
     cfg = SamplingConfig(max_new_tokens=128, group_size=8, temperature=1.0, buckets=(len(prompts[0]),))
     start = time.perf_counter()
     jax.block_until_ready(sample(model, prompts, jax.random.key(0), cfg).tokens)

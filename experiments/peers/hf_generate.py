@@ -8,32 +8,19 @@ prompts.json holds a list of token-id lists. Sampling at temperature 1 with no t
 --new_tokens tokens per row. Prints one JSON line: {"seconds": [...], "median": s, "versions": {...}}.
 """
 
-import argparse
 import json
 import pathlib
-import re
 import statistics
 import time
 
+import common
 import torch
 import transformers
 
 
-def peak_mib() -> float:
-    """This process's peak resident memory (VmHWM: its own, not inherited from the process that started
-    it, as getrusage's maxrss is)."""
-    with open("/proc/self/status", encoding="utf-8") as status:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) / 1024
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--gguf", required=True)
-    parser.add_argument("--prompts", required=True)
-    parser.add_argument("--group_size", type=int, default=8)
-    parser.add_argument("--new_tokens", type=int, default=128)
+    parser = common.parser(new_tokens=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     if args.threads:
@@ -58,7 +45,8 @@ def main() -> None:
     assert out.shape == (ids.shape[0], ids.shape[1] + args.new_tokens)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps({"seconds": seconds, "median": statistics.median(seconds),
-                      "threads": torch.get_num_threads(), "versions": versions, "peak_mib": peak_mib()}))
+                      "threads": torch.get_num_threads(), "versions": versions,
+                      "peak_mib": common.peak_mib()}))
 
 
 if __name__ == "__main__":

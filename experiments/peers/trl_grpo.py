@@ -10,13 +10,12 @@ group per gradient-accumulation microbatch, AdamW lr 1e-6, float32. Prints one J
 {"step_seconds": [...], "versions": {...}}.
 """
 
-import argparse
 import json
 import pathlib
-import re
 import tempfile
 import time
 
+import common
 import datasets
 import torch
 import transformers
@@ -38,21 +37,9 @@ def length_reward(completions, **kwargs):
     return [float(len(c) % 3) for c in completions]  # cheap, varied within groups
 
 
-def peak_mib() -> float:
-    """This process's peak resident memory (VmHWM: its own, not inherited from the process that started
-    it, as getrusage's maxrss is)."""
-    with open("/proc/self/status", encoding="utf-8") as status:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) / 1024
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--gguf", required=True)
-    parser.add_argument("--prompts", required=True)
-    parser.add_argument("--group_size", type=int, default=8)
-    parser.add_argument("--new_tokens", type=int, default=64)
+    parser = common.parser(new_tokens=64)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,7 +73,8 @@ def main() -> None:
     lengths = [h[key] for h in trainer.state.log_history if key in h]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
     print(json.dumps({"step_seconds": timer.seconds, "completion_lengths": lengths,
-                      "threads": torch.get_num_threads(), "versions": versions, "peak_mib": peak_mib()}))
+                      "threads": torch.get_num_threads(), "versions": versions,
+                      "peak_mib": common.peak_mib()}))
 
 
 if __name__ == "__main__":
