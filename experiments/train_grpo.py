@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import random
 import shutil
 import time
 
@@ -25,7 +26,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from grpo_jax import evaluation, sft, sharding
+from grpo_jax import environments, evaluation, multiturn, sft, sharding
 from grpo_jax import lora as lora_lib
 from grpo_jax import rewards as rewards_lib
 from grpo_jax._validation import check_fields
@@ -125,6 +126,13 @@ def check_config(config) -> None:
         ("loggers", config.loggers, "wandb" not in config.loggers or importlib.util.find_spec("wandb"),
          "needs the wandb package: pip install wandb (or drop 'wandb')"),
         ("task", config.task, config.task in TASKS, f"is not a task; use one of {TASKS}"),
+        ("tools", config.get("tools", ()), not isinstance(config.get("tools", ()), str) and
+         set(config.get("tools", ())) <= set(environments.TOOLS),
+         f"must be a tuple of tool names from {sorted(environments.TOOLS)}, e.g. ('calculator',)"),
+        ("tools", config.get("tools", ()), not config.get("tools", ()) or config.env.max_turns >= 2,
+         "needs config.env.max_turns >= 2: a tool's result is read in the next turn"),
+        ("env.max_turns", config.env.max_turns, config.env.max_turns == 1 or config.get("tools", ()),
+         "> 1 needs an environment: set config.tools, e.g. ('calculator',)"),
         ("template", config.template, config.template in TEMPLATES,
          f"is not a template; use one of {tuple(TEMPLATES)}"),
         ("rewards", config.rewards, bool(config.rewards) and all(
@@ -148,6 +156,12 @@ def check_config(config) -> None:
         ("threshold", ws.threshold, number(ws.threshold) and 0 <= ws.threshold <= 1,
          "must be a held-out accuracy in [0, 1] (0: run all config.warm_start.steps)"),
         ("eval_every", ws.eval_every, _is_int(ws.eval_every) and ws.eval_every >= 1, "must be >= 1"),
+        ("tool_fraction", ws.get("tool_fraction", 0.0), number(ws.get("tool_fraction", 0.0)) and
+         0 <= ws.get("tool_fraction", 0.0) <= 1, "must be a share of demonstrations in [0, 1]"),
+        ("tool_fraction", ws.get("tool_fraction", 0.0), not ws.get("tool_fraction", 0.0) or (
+            config.task == "arithmetic" and "calculator" in config.get("tools", ())),
+         "needs config.task='arithmetic' and 'calculator' in config.tools (its demonstrations call the "
+         "calculator on the problem's operands)"),
     ])
     if config.task == "jsonl":
         for split in ("train", "test"):
@@ -177,9 +191,11 @@ def check_workdir(workdir: pathlib.Path) -> None:
 
 
 def run_fingerprint(config) -> dict:
-    """{config path: value} of RUN_FIELDS, compared with a checkpoint's when the run resumes."""
+    """{config path: value} of RUN_FIELDS (and config.tools when set), compared with a checkpoint's when the
+    run resumes."""
+    names = RUN_FIELDS + (("tools",) if config.get("tools", ()) else ())
     fields = {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name]
-              for name in RUN_FIELDS}
+              for name in names}
     return flatten(json.loads(json.dumps(fields)))
 
 
@@ -250,9 +266,35 @@ def perturbed(model: Transformer, scale: float, key: jax.Array) -> Transformer:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
+def make_episodes(config, tokenizer: Tokenizer, grpo: GRPOConfig) -> multiturn.EpisodeSampler | None:
+    """With config.tools: episodes of a `ToolEnv` over those tools, whose final answer is rewarded by
+    config.rewards (the same text rewards as single-turn completions); None without tools."""
+    if not config.get("tools", ()):
+        return None
+    tools = [environments.TOOLS[name] for name in config.tools]
+    combined = rewards_lib.combine([(name, REWARDS[name], float(weight)) for name, weight in config.rewards])
+
+    def answer_reward(example, text: str) -> float:
+        fields = {k: [v] for k, v in example.items() if k not in ("prompt", "prompt_text", "prompt_tokens")}
+        scores, _ = combined([example["prompt_text"]], [text], **fields)
+        return float(np.asarray(scores)[0])
+
+    def make_env():
+        return environments.ToolEnv(tools, tool_format=grpo.env.tool_format, timeout=grpo.env.tool_timeout,
+                                    answer_reward=answer_reward)
+
+    return multiturn.EpisodeSampler(make_env, tokenizer)
+
+
 def held_out_accuracy(config, model: Transformer, tokenizer: Tokenizer, grpo: GRPOConfig) -> float:
     """Greedy accuracy on the first config.eval_examples distinct problems of the task's test split (a
     synthetic split may draw a problem twice; each counts once)."""
+    return held_out(config, model, tokenizer, grpo)["greedy_accuracy"]
+
+
+def held_out(config, model: Transformer, tokenizer: Tokenizer, grpo: GRPOConfig) -> dict[str, float]:
+    """`held_out_accuracy` as {"greedy_accuracy"}; with config.tools, of greedy episodes, with their
+    "tool_call_rate" (share of episodes calling a tool) too."""
     examples, chosen = make_examples(config, "test"), {}
     for i in range(len(examples)):
         if len(chosen) == config.eval_examples:
@@ -261,9 +303,15 @@ def held_out_accuracy(config, model: Transformer, tokenizer: Tokenizer, grpo: GR
     buckets = grpo.sampling.buckets
     held_out = TokenizedDataset(list(chosen.values()), tokenizer, make_template(config.template),
                                 max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
-    return evaluation.evaluate(model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=0,
-                               ks=(), max_new_tokens=grpo.sampling.max_new_tokens,
-                               batch_prompts=config.eval_batch_prompts, buckets=buckets)["greedy_accuracy"]
+    episodes = make_episodes(config, tokenizer, grpo)
+    if episodes is not None:
+        metrics = multiturn.evaluate_episodes(model, held_out, episodes, grpo.sampling, grpo.env,
+                                              batch_prompts=config.eval_batch_prompts)
+        return {"greedy_accuracy": metrics["accuracy"], "tool_call_rate": metrics.get("tool_call_rate", 0.0)}
+    return {"greedy_accuracy": evaluation.evaluate(
+        model, held_out, tokenizer, key=jax.random.key(config.seed), num_samples=0, ks=(),
+        max_new_tokens=grpo.sampling.max_new_tokens, batch_prompts=config.eval_batch_prompts,
+        buckets=buckets)["greedy_accuracy"]}
 
 
 def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokenizer, grpo: GRPOConfig,
@@ -272,15 +320,27 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
     config.warm_start.threshold (or config.warm_start.steps steps), so GRPO starts with reward signal.
     Writes its steps, seconds and accuracy to workdir/warm_start.json."""
     ws = config.warm_start
+    tool_fraction = ws.get("tool_fraction", 0.0)
+    observe = (environments.Observations(tokenizer, grpo.env.observation_template,
+                                         grpo.env.max_observation_tokens) if tool_fraction else None)
 
     def target(example):
-        return tokenizer.encode(example["answer"]) + [tokenizer.eos_id]
+        answer = tokenizer.encode(example["answer"]) + [tokenizer.eos_id]
+        # A share of the problems (the same ones every run) is demonstrated with a calculator call.
+        if not tool_fraction or random.Random(f"tool/{example['prompt']}").random() >= tool_fraction:
+            return answer
+        a, b = example["operands"]
+        expression = f"{a}{example['op']}{b}"
+        call = tokenizer.encode(environments.format_tool_call(
+            "calculator", {"expression": expression}, grpo.env.tool_format)) + [tokenizer.eos_id]
+        result = observe(environments.calculator(expression))
+        return call + result + answer, [True] * len(call) + [False] * len(result) + [True] * len(answer)
 
     start = time.time()
     model, history = sft.warm_start(
         model, dataset, target, steps=ws.steps, batch_size=ws.batch_size,
         learning_rate=ws.learning_rate, ema=ws.ema,
-        max_target_tokens=grpo.sampling.max_new_tokens, buckets=grpo.sampling.buckets,
+        max_target_tokens=grpo.completion_tokens(), buckets=grpo.sampling.buckets,
         pad_id=tokenizer.pad_id,
         evaluate=lambda m: held_out_accuracy(config, m, tokenizer, grpo), threshold=ws.threshold or None,
         eval_every=ws.eval_every, seed=config.seed, log_every=ws.eval_every,
@@ -338,17 +398,19 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
     model = make_model(config, tokenizer) if model is None else model
     if resume is not None and grpo.lora.enabled and saves_base(config):
         model = restore_base(model, resume.directory.parent / BASE_DIR)  # the warm start's, not a new one
-    if max(buckets) + grpo.sampling.max_new_tokens > model.config.max_position_embeddings:
+    if max(buckets) + grpo.completion_tokens() > model.config.max_position_embeddings:
         raise ValueError(f"the largest prompt bucket {max(buckets)} + config.sampling.max_new_tokens="
-                         f"{grpo.sampling.max_new_tokens} exceeds the model's max_position_embeddings="
-                         f"{model.config.max_position_embeddings}.")
+                         f"{grpo.sampling.max_new_tokens} (x config.env.max_turns={grpo.env.max_turns}, with "
+                         f"their observations: {grpo.completion_tokens()} tokens) exceeds the model's "
+                         f"max_position_embeddings={model.config.max_position_embeddings}.")
+    episodes = make_episodes(config, tokenizer, grpo)
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)
     if workdir is not None and grpo.lora.enabled and saves_base(config):
         save_base(nnx.split(model)[1], workdir / BASE_DIR)
-    return Trainer(model, grpo, dataset, reward_fn, mesh=mesh, rollout_mesh=rollout_mesh,
-                   fingerprint=fingerprint)
+    return Trainer(model, grpo, dataset, None if episodes else reward_fn, mesh=mesh,
+                   rollout_mesh=rollout_mesh, fingerprint=fingerprint, episodes=episodes)
 
 
 BASE_DIR = "base"  # under LoRA: the frozen base, when it is not config.checkpoint's weights as they are
@@ -499,14 +561,15 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     tokenizer = trainer.dataset.tokenizer
     start_file = workdir / "accuracy_at_grpo_start.json"
     if config.eval_examples and fresh:  # the policy GRPO starts from (a resumed run wrote it when fresh)
-        start = held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
+        start = held_out(config, trainer.policy(), tokenizer, trainer.cfg)
         if jax.process_index() == 0:
-            write_json(start_file, {"greedy_accuracy": start})
+            write_json(start_file, start)
     stop = config.num_steps if stop_after is None else min(stop_after, config.num_steps)
     eval_every = config.get("eval_every", 0) if config.eval_examples else 0  # older configs lack the field
 
     def evaluate() -> dict[str, float]:
-        return {EVAL_KEY: held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)}
+        metrics = held_out(config, trainer.policy(), tokenizer, trainer.cfg)
+        return {f"eval/{name}": value for name, value in metrics.items()}
 
     history = train(trainer, workdir, stop, checkpoint_every=config.checkpoint_every,
                     log_every=config.log_every, sample_every=config.sample_every, loggers=config.loggers,
@@ -519,11 +582,13 @@ def run(config, workdir: pathlib.Path, *, stop_after: int | None = None) -> None
     if jax.process_index() != 0:
         return
     records = read_jsonl(workdir / "metrics.jsonl")
-    start = json.loads(start_file.read_text())["greedy_accuracy"] if start_file.exists() else None
+    start_metrics = json.loads(start_file.read_text()) if start_file.exists() else {}
+    start = start_metrics.get("greedy_accuracy")
     per_reward = [f"reward/{name}" for name, _ in config.rewards] if len(config.rewards) > 1 else []
-    keys = [k for k in ("reward_mean", *per_reward, EVAL_KEY, "kl", "completion_length_mean")
-            if any(k in r for r in records)]
-    curves = records if start is None or not eval_every else [{"step": 0, EVAL_KEY: start}, *records]
+    keys = [k for k in ("reward_mean", *per_reward, EVAL_KEY, "eval/tool_call_rate", "kl",
+                        "completion_length_mean") if any(k in r for r in records)]
+    curves = records if start is None or not eval_every else [
+        {"step": 0, **{f"eval/{k}": v for k, v in start_metrics.items()}}, *records]
     plot_metrics(curves, keys, workdir / "plots.png", title=workdir.name)
     first, last = records[0]["reward_mean"], np.mean([r["reward_mean"] for r in records[-5:]])
     print(f"reward: first step {first:.3f}, mean of the last 5 steps {last:.3f}; plots in "

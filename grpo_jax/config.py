@@ -7,6 +7,7 @@
   config.optimizer   OptimizerConfig  (grpo_jax.update)    AdamW, schedule, clipping
   config.updates     UpdateConfig     (grpo_jax.update)    mu, minibatches, gradient accumulation
   config.ppo         PPOConfig        (grpo_jax.critic)    the critic and GAE of algo="ppo"
+  config.env         EnvConfig        (grpo_jax.environments)  multi-turn episodes: turns, observations
 
 `GRPOConfig.from_dict` builds it from the nested sections of an ml_collections config (or dicts); every
 field is reachable as `--config.<section>.<field>`. `GRPOConfig` checks what needs two sections at once.
@@ -23,6 +24,7 @@ import ml_collections
 from grpo_jax import critic as critic_lib
 from grpo_jax import rollout as rollout_lib
 from grpo_jax._validation import check_fields, check_option
+from grpo_jax.environments import EnvConfig
 from grpo_jax.lora import LoRAConfig
 from grpo_jax.sampling import SamplingConfig
 from grpo_jax.update import (
@@ -37,7 +39,7 @@ from grpo_jax.update import (
 ALGOS = ("grpo", "ppo")
 SECTIONS = {"sampling": SamplingConfig, "rollout": rollout_lib.RolloutConfig, "advantages": AdvantageConfig,
             "loss": LossConfig, "optimizer": OptimizerConfig, "updates": UpdateConfig,
-            "ppo": critic_lib.PPOConfig, "lora": LoRAConfig}
+            "ppo": critic_lib.PPOConfig, "lora": LoRAConfig, "env": EnvConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class GRPOConfig:
     updates: UpdateConfig = dataclasses.field(default_factory=UpdateConfig)
     ppo: critic_lib.PPOConfig = dataclasses.field(default_factory=critic_lib.PPOConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     algo: str = "grpo"  # or "ppo": a learned critic and GAE instead of group statistics
     num_steps: int = 1000  # iterations; the learning-rate schedule spans them
     seed: int = 0
@@ -71,6 +74,12 @@ class GRPOConfig:
         check_fields("config.rollout", [
             ("overlong_buffer", r.overlong_buffer, r.overlong_buffer < s.max_new_tokens,
              f"must be < config.sampling.max_new_tokens={s.max_new_tokens}")])
+        check_fields("config.env", [
+            ("max_turns", self.env.max_turns, not self.env.multi_turn or self.algo == "grpo",
+             "> 1 needs config.algo='grpo' (PPO's critic and GAE over observation tokens are not built)"),
+            ("max_turns", self.env.max_turns, not self.env.multi_turn or not r.overlong_buffer,
+             "> 1 needs config.rollout.overlong_buffer=0 (the overlong penalty is of one completion)"),
+        ])
         check_fields("config.ppo", [
             ("kl_in_reward", self.ppo.kl_in_reward, not self.ppo.kl_in_reward or self.algo == "ppo",
              "needs config.algo='ppo'")])
@@ -99,11 +108,17 @@ class GRPOConfig:
 
     def step_options(self) -> StepOptions:
         return StepOptions(group_size=self.sampling.group_size, temperature=self.sampling.temperature,
-                           max_new_tokens=self.sampling.max_new_tokens,
+                           max_new_tokens=self.completion_tokens(),
                            vocab_limit=self.sampling.vocab_limit, loss=self.loss, updates=self.updates,
                            advantages=self.advantages, ppo=self.ppo if self.algo == "ppo" else None,
                            mask_truncated=self.rollout.mask_truncated,
                            lora=self.lora if self.lora.enabled else None)
+
+    def completion_tokens(self) -> int:
+        """The width of a rollout's completions: max_new_tokens, or a multi-turn episode's whole width."""
+        if self.env.multi_turn:
+            return self.env.episode_tokens(self.sampling.max_new_tokens)
+        return self.sampling.max_new_tokens
 
     def optimizer_updates(self) -> int:
         return self.num_steps * self.updates.mu * self.updates.num_minibatches
@@ -111,7 +126,7 @@ class GRPOConfig:
     def default_loss(self) -> LossFn:
         # PPO may pay the KL in the reward instead of the loss.
         beta = 0.0 if self.algo == "ppo" and self.ppo.kl_in_reward else None
-        return self.loss.policy_loss(self.sampling.max_new_tokens, beta=beta)
+        return self.loss.policy_loss(self.completion_tokens(), beta=beta)
 
 
 def flatten(tree: Any, prefix: str = "config") -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Every forward over completions (rollout scoring, reference and old log-probs, the update, the critic, the
 supervised warm start) runs the prompt once per group: the prompt's keys/values are a shared prefix for its
 G completions, so gradients reach the prompt positions through the broadcast.
+
+Two masks describe a completion. `completion_mask` marks the tokens that are trained on (the policy's own);
+`sequence_mask` marks every token of the sequence the model reads. They differ in multi-turn episodes
+(`grpo_jax.multiturn`): an observation's tokens are read by the later turns but were not written by the
+policy, so they get no loss. When a batch has no `sequence_mask`, the completion mask is both.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from grpo_jax.models.transformer import Prefix, Transformer, causal_mask, positi
 LOGPROB_FIELDS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask")
 
 
+def sequence_mask(batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch's `[B, T]` mask of the tokens the model reads (policy and observation tokens): its
+    `sequence_mask`, or the completion mask when the completions are the policy's alone."""
+    return batch.get("sequence_mask", batch["completion_mask"])
+
+
 def completion_hidden(model: Transformer, prompt_tokens: jax.Array, prompt_mask: jax.Array,
                       completion_tokens: jax.Array, completion_mask: jax.Array) -> jax.Array:
     """`[B, T, D]` final hidden states at the positions that predict each completion token (the state
     before token t is chosen).
 
     The N prompts `[N, P]` (left-padded) run once; their keys/values are the shared prefix of the
-    B = N * G completion rows `[B, T]` (right-padded).
+    B = N * G completion rows `[B, T]` (right-padded). `completion_mask` here is the mask of the tokens
+    read (a multi-turn batch's sequence mask).
     """
     num_prompts = prompt_tokens.shape[0]
     group = completion_tokens.shape[0] // num_prompts
@@ -48,10 +60,15 @@ def completion_logprobs(
     chunk_size: int = 1024,
     return_entropy: bool = False,
     vocab_limit: int = 0,
+    sequence_mask: jax.Array | None = None,
 ):
     """log pi(completion tokens | prompt) `[B, T]` (and the entropy `[B, T]` with `return_entropy`), each
     prompt computed once for its G completions: equal to the plain forward over [prompt ; completion] rows,
     at a fraction of the prompt cost.
+
+    `sequence_mask` (default: `completion_mask`) marks the tokens attended to; a multi-turn episode's
+    observation tokens are in it and not in `completion_mask` (the result is computed at every position;
+    the caller's loss reads it under `completion_mask`).
 
     `vocab_limit` > 0: the distribution over the ids below it, the one the sampler draws from when the
     model's vocabulary is padded past the tokenizer's (`SamplingConfig.vocab_limit`). Over the whole
@@ -59,7 +76,8 @@ def completion_logprobs(
     log Z, with Z the mass on the ids the sampler may emit, and a negative advantage would also push mass
     onto the never-sampled ids.
     """
-    hidden = completion_hidden(model, prompt_tokens, prompt_mask, completion_tokens, completion_mask)
+    attended = completion_mask if sequence_mask is None else sequence_mask
+    hidden = completion_hidden(model, prompt_tokens, prompt_mask, completion_tokens, attended)
     unembedding = model.unembedding()
     if vocab_limit:
         unembedding = unembedding[:, :vocab_limit]
@@ -101,9 +119,11 @@ def batch_logprobs(params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, j
         # The model is built inside the mapped function, with variables of its own: NNX transforms (remat)
         # cannot update variables made in an outer trace.
         return completion_logprobs(nnx.merge(graphdef, params, copy=True), *(part[k] for k in LOGPROB_FIELDS),
-                                   temperature=temperature, chunk_size=chunk_size, vocab_limit=vocab_limit)
+                                   temperature=temperature, chunk_size=chunk_size, vocab_limit=vocab_limit,
+                                   sequence_mask=part["sequence_mask"])
 
+    fields = {**{k: batch[k] for k in LOGPROB_FIELDS}, "sequence_mask": sequence_mask(batch)}
     if parts == 1:
-        return logprobs(batch)
-    split = split_batch({k: batch[k] for k in LOGPROB_FIELDS}, parts, group_size)
+        return logprobs(fields)
+    split = split_batch(fields, parts, group_size)
     return merge_groups(jax.lax.map(logprobs, split), group_size)  # [parts, rows, T] -> [B, T]

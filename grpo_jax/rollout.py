@@ -20,7 +20,9 @@ from jax.sharding import Mesh
 
 from grpo_jax import sharding
 from grpo_jax._validation import check_fields, check_option, finite
+from grpo_jax.environments import EnvConfig
 from grpo_jax.models.transformer import Transformer
+from grpo_jax.multiturn import EpisodeSampler
 from grpo_jax.rewards import overlong_penalty
 from grpo_jax.sampling import SampleOutput, SamplingConfig, sample
 
@@ -105,16 +107,18 @@ def _select_groups(samples: tuple[SampleOutput, ...], groups: jax.Array, pad_id:
         return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
 
     rows = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
-    fields = {name: jnp.concatenate([getattr(s, name) for s in samples])[rows]
-              for name in ("tokens", "mask", "lengths", "truncated", "logprobs")}
+    names = ("tokens", "mask", "lengths", "truncated", "logprobs")
+    names += ("sequence_mask",) if samples[0].sequence_mask is not None else ()
+    fields = {name: jnp.concatenate([getattr(s, name) for s in samples])[rows] for name in names}
     prompts = jnp.concatenate([left_pad(s.prompt_tokens, pad_id) for s in samples])[groups]
     prompt_mask = jnp.concatenate([left_pad(s.prompt_mask, False) for s in samples])[groups]
     return SampleOutput(**fields, prompt_tokens=prompts, prompt_mask=prompt_mask)
 
 
 def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key: jax.Array,
-            sampling: SamplingConfig, cfg: RolloutConfig, reward_fn: RewardFn, *,
-            mesh: Mesh | None = None) -> Rollout:
+            sampling: SamplingConfig, cfg: RolloutConfig, reward_fn: RewardFn | None, *,
+            mesh: Mesh | None = None, episodes: EpisodeSampler | None = None,
+            env: EnvConfig | None = None) -> Rollout:
     """Sample G completions for each of `cfg.num_prompts` examples from `next_examples(n)` and score them.
 
     Each round samples with `jax.random.fold_in(key, round)`. With `cfg.dynamic_sampling`, groups whose
@@ -122,6 +126,9 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
     `cfg.max_resample_rounds` more rounds were sampled; the remaining places then take groups without
     signal, which get advantage 0). Per-completion reward metrics are those of the kept groups; per-call
     ones (e.g. error counts) add up over the rounds.
+
+    With `episodes` (and `env`, `config.env`), each completion is a multi-turn episode of
+    `episodes.make_env()` (`grpo_jax.multiturn`), rewarded by its environment; `reward_fn` is not used.
     """
     g, n = sampling.group_size, cfg.num_prompts
     samples, examples, host, call_metrics = [], [], [], {}
@@ -129,12 +136,19 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
     for round_index in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
         start = time.perf_counter()
         round_examples = next_examples(n)
-        out = sample(model, [e["prompt_tokens"] for e in round_examples],
-                     jax.random.fold_in(key, jax.device_put(np.uint32(round_index))), sampling, mesh=mesh)
-        tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)  # what the reward reads
-        time_sampling += time.perf_counter() - start
-        start = time.perf_counter()
-        rewards, metrics = score(reward_fn, round_examples, tokens, mask, g)
+        round_key = jax.random.fold_in(key, jax.device_put(np.uint32(round_index)))
+        if episodes is not None:  # the environments reward the episodes while they are sampled
+            out, rewards, metrics, _ = episodes.sample(model, round_examples, round_key, sampling,
+                                                       env or EnvConfig(), mesh=mesh)
+            tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
+            time_sampling += time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            out = sample(model, [e["prompt_tokens"] for e in round_examples], round_key, sampling, mesh=mesh)
+            tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)  # what the reward reads
+            time_sampling += time.perf_counter() - start
+            start = time.perf_counter()
+            rewards, metrics = score(reward_fn, round_examples, tokens, mask, g)
         per_row = {k: np.asarray(v, np.float64) for k, v in metrics.items() if np.shape(v) == rewards.shape}
         for k, v in metrics.items():
             if k not in per_row:
@@ -142,7 +156,8 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
         time_rewards += time.perf_counter() - start
         samples.append(out)
         examples += round_examples
-        host.append(dict(tokens=tokens, mask=mask, rewards=rewards, per_row=per_row))
+        host.append(dict(tokens=tokens, mask=mask, rewards=rewards, per_row=per_row,
+                         truncated=sharding.to_host(out.truncated)))
         signal = np.concatenate([has_signal(h["rewards"], g) for h in host])
         if not cfg.dynamic_sampling or signal.sum() >= n:
             break
@@ -159,8 +174,7 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
         return np.concatenate([h[field] for h in host])[rows]
 
     tokens, mask, task_rewards = kept("tokens"), kept("mask"), kept("rewards")
-    stopped = np.any(mask & np.isin(tokens, np.asarray(sampling.stop_tokens, np.int64)), axis=1)
-    truncated, rewards = ~stopped, task_rewards
+    truncated, rewards = kept("truncated"), task_rewards
     start = time.perf_counter()
     if cfg.overlong_buffer:
         lengths = np.where(truncated, sampling.max_new_tokens + 1, mask.sum(axis=1))
@@ -198,10 +212,13 @@ def sample_records(rollout: Rollout, step: int, decode: Callable[[Sequence[int]]
     """A few completions as `{step, prompt, completion, reward}` records: the first `per_prompt` completions
     of each of the rollout's first `num_prompts` groups."""
     g, records = rollout.tokens.shape[0] // len(rollout.examples), []
+    if rollout.sample.sequence_mask is not None:  # an episode's record holds its observations too
+        sequence_masks = sharding.to_host(rollout.sample.sequence_mask)
     for i, example in enumerate(rollout.examples[:num_prompts]):
         for row in range(i * g, i * g + min(per_prompt, g)):
             prompt = example.get("prompt_text") or decode(example["prompt_tokens"])
+            read = rollout.mask if rollout.sample.sequence_mask is None else sequence_masks
             records.append(dict(step=step, prompt=prompt,
-                                completion=decode(rollout.tokens[row][rollout.mask[row]].tolist()),
+                                completion=decode(rollout.tokens[row][read[row]].tolist()),
                                 reward=float(rollout.rewards[row])))
     return records

@@ -92,6 +92,9 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array  # [B, T] float32 log pi(token) at `temperature` before top-k/p/min-p; 0 off mask
     prompt_tokens: jax.Array  # [N, P] int32, left-padded to the bucket P
     prompt_mask: jax.Array  # [N, P] bool, false on padding
+    # Multi-turn episodes (`grpo_jax.multiturn`): [B, T] bool, true on every token of the episode (the
+    # policy's and the observations'); `mask` then marks the policy's tokens only. None: `mask` is both.
+    sequence_mask: jax.Array | None = None
 
 
 def _filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -37,17 +37,36 @@ def pad_targets(targets: Sequence[Sequence[int]], width: int, pad_id: int) -> tu
 
 
 def sft_loss(params, graphdef, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean negative log-likelihood of the target tokens given their prompts."""
+    """Mean negative log-likelihood of the target tokens given their prompts; with a `loss_mask` (a
+    multi-turn demonstration), of the tokens it marks (the policy's turns), the others (observations) read
+    as context only."""
     model = nnx.merge(graphdef, params)
+    mask = batch.get("loss_mask", batch["target_mask"])
     logprobs = completion_logprobs(model, batch["prompt_tokens"], batch["prompt_mask"],
-                                   batch["target_tokens"], batch["target_mask"])
-    return -jnp.sum(logprobs * batch["target_mask"]) / jnp.maximum(batch["target_mask"].sum(), 1)
+                                   batch["target_tokens"], mask, sequence_mask=batch["target_mask"])
+    return -jnp.sum(logprobs * mask) / jnp.maximum(mask.sum(), 1)
+
+
+def pad_demonstrations(targets: Sequence, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """`target_fn` outputs -> `target_tokens`, `target_mask` `[B, width]` and, when a target is an
+    `(ids, loss mask)` pair (a multi-turn demonstration: False on observation tokens), `loss_mask`."""
+    pairs = [t if isinstance(t, tuple) else (t, None) for t in targets]
+    tokens, mask = pad_targets([ids for ids, _ in pairs], width, pad_id)
+    out = dict(target_tokens=tokens, target_mask=mask)
+    if any(m is not None for _, m in pairs):
+        loss = np.zeros_like(mask)
+        for i, (ids, m) in enumerate(pairs):
+            if m is not None and len(m) != len(ids):
+                raise ValueError(f"a demonstration's loss mask has {len(m)} entries for {len(ids)} tokens.")
+            loss[i, :len(ids)] = True if m is None else m
+        out["loss_mask"] = loss
+    return out
 
 
 def warm_start(
     model: Transformer,
     dataset,
-    target_fn: Callable[[dict], list[int]],
+    target_fn: Callable[[dict], list[int] | tuple[list[int], list[bool]]],
     *,
     steps: int,
     batch_size: int = 32,
@@ -65,8 +84,9 @@ def warm_start(
 ) -> tuple[Transformer, list[dict[str, float]]]:
     """Train `model` on `target_fn(example)` completions for `steps` steps, or until
     `evaluate(model) >= threshold` (checked every `eval_every` steps) when a threshold is given. Returns the
-    trained model and a history of {"step", "loss"[, "eval"]} records. Examples are drawn from `dataset` in a
-    seeded random order, and trained with Adam at `learning_rate`. With `ema` > 0, the model evaluated and
+    trained model and a history of {"step", "loss"[, "eval"]} records. A target is a token list, or an
+    `(ids, loss mask)` pair for a multi-turn demonstration (the loss on the policy's turns only).
+    Examples are drawn from `dataset` in a seeded random order, and trained with Adam at `learning_rate`. With `ema` > 0, the model evaluated and
     returned is the exponential moving average of the params (Polyak averaging, `a <- ema * a + (1 - ema) *
     params` after each step): a constant-rate Adam trajectory bounces (held-out accuracy can swing by 10
     points between evaluations 25 steps apart), so a threshold checked on the raw params stops at a lucky
@@ -97,9 +117,8 @@ def warm_start(
     for step in range(1, steps + 1):
         examples = [dataset[int(i)] for i in rng.integers(0, len(dataset), batch_size)]
         prompt_tokens, prompt_mask = pad_prompts([e["prompt_tokens"] for e in examples], buckets, pad_id)
-        target_tokens, target_mask = pad_targets([target_fn(e) for e in examples], max_target_tokens, pad_id)
-        batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, target_tokens=target_tokens,
-                     target_mask=target_mask)
+        targets = pad_demonstrations([target_fn(e) for e in examples], max_target_tokens, pad_id)
+        batch = dict(prompt_tokens=prompt_tokens, prompt_mask=prompt_mask, **targets)
         batch = jax.tree.map(jnp.asarray, batch)
         params, average, opt_state, loss = update(params, average, opt_state, batch)
         record = {"step": step, "loss": float(loss)}

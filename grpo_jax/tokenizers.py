@@ -82,7 +82,7 @@ CHAR_ALPHABET = (
     "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 )
 CHAR_REPLACEMENT = "\ufffd"  # what <unk> decodes to
-CHAR_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAR_ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 class CharTokenizer:
@@ -95,7 +95,7 @@ class CharTokenizer:
     Any other character encodes to `<unk>` (never an error), which decodes to U+FFFD. Special tokens are never
     parsed out of text: encode("<eos>") is five character ids, so user text cannot inject an end of sequence.
 
-    Chat template (plain text, one "Role: content" line per message, roles system / user / assistant):
+    Chat template (plain text, one "Role: content" line per message, roles system / user / assistant / tool):
       "System: {s}\\nUser: {u}\\nAssistant: {a}\\n" + ("Assistant:" if add_generation_prompt else "")
     """
 

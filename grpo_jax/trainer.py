@@ -44,6 +44,7 @@ from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import GRPOConfig, flatten
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Transformer
+from grpo_jax.multiturn import EpisodeSampler
 from grpo_jax.sampling import prompt_sharding
 from grpo_jax.update import LossFn, TrainState, init_optimizer, make_optimizer, tree_bytes
 
@@ -70,11 +71,17 @@ class Trainer:
     the new total from the step reached).
     """
 
-    def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: rollout_lib.RewardFn, *,
-                 optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
+    def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: rollout_lib.RewardFn | None,
+                 *, optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
                  mesh: Mesh | None = None, rollout_mesh: Mesh | None = None,
-                 fingerprint: dict[str, object] | None = None):
-        self.cfg, self.dataset, self.reward_fn = cfg, dataset, reward_fn
+                 fingerprint: dict[str, object] | None = None, episodes: EpisodeSampler | None = None):
+        if cfg.env.multi_turn and episodes is None:
+            raise ValueError(f"config.env.max_turns={cfg.env.max_turns} needs an environment: pass "
+                             "Trainer(..., episodes=grpo_jax.multiturn.EpisodeSampler(make_env, tokenizer)).")
+        if reward_fn is None and episodes is None:
+            raise ValueError("Trainer needs reward_fn (single-turn completions) or episodes= (multi-turn "
+                             "episodes rewarded by their environments).")
+        self.cfg, self.dataset, self.reward_fn, self.episodes = cfg, dataset, reward_fn, episodes
         self.fingerprint = {**flatten(json.loads(json.dumps(dataclasses.asdict(model.config))), "model"),
                             **({"data": dataset.fingerprint()} if hasattr(dataset, "fingerprint") else {}),
                             **json.loads(json.dumps(fingerprint or {}))}
@@ -160,7 +167,8 @@ class Trainer:
         """Stage 1: a scored rollout from `policy` (default: the current one) on the rollout mesh."""
         policy = self.policy(self.rollout_mesh) if policy is None else policy
         return rollout_lib.collect(policy, self.next_examples, key, self.cfg.sampling, self.cfg.rollout,
-                                   self.reward_fn, mesh=self.rollout_mesh)
+                                   self.reward_fn, mesh=self.rollout_mesh, episodes=self.episodes,
+                                   env=self.cfg.env)
 
     def sample_key(self, step: int) -> tuple[jax.Array, jax.Array]:
         """(sampling key, shuffle key) of iteration `step`: they derive from (seed, step), so a resumed run
@@ -181,6 +189,8 @@ class Trainer:
         s = rollout.sample
         arrays = dict(prompt_tokens=s.prompt_tokens, prompt_mask=s.prompt_mask, completion_tokens=s.tokens,
                       completion_mask=s.mask, sample_logprobs=s.logprobs, truncated=s.truncated)
+        if s.sequence_mask is not None:  # multi-turn: the observations are read, not trained on
+            arrays["sequence_mask"] = s.sequence_mask
         arrays = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
         arrays["rewards"] = sharding.put_global(rollout.rewards, sharding.batch_sharding(self.mesh, 1))
         return self.prepare(self.state, self.ref_params, arrays)

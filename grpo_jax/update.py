@@ -30,7 +30,7 @@ from grpo_jax import critic as critic_lib
 from grpo_jax import lora as lora_lib
 from grpo_jax import losses
 from grpo_jax._validation import check_fields, check_option, finite
-from grpo_jax.policy import batch_logprobs, completion_logprobs, split_batch
+from grpo_jax.policy import batch_logprobs, completion_logprobs, sequence_mask, split_batch
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -279,7 +279,7 @@ def _objective(trained, base, graphdef, batch, loss_fn: LossFn, options: StepOpt
     out = completion_logprobs(nnx.merge(graphdef, params), batch["prompt_tokens"], batch["prompt_mask"],
                               batch["completion_tokens"], batch["completion_mask"], temperature=o.temperature,
                               chunk_size=o.updates.logprob_chunk_size, return_entropy=bool(entropy_coef),
-                              vocab_limit=o.vocab_limit)
+                              vocab_limit=o.vocab_limit, sequence_mask=sequence_mask(batch))
     logprobs, entropy = out if entropy_coef else (out, None)
     mask = batch["completion_mask"]
     old = batch["old_logprobs"] if o.updates.mu > 1 else jax.lax.stop_gradient(logprobs)
