@@ -341,9 +341,14 @@ class Observations:
             if before.startswith(stop):
                 before = before[len(stop):]
                 break
-        text = observation
-        while True:
-            ids = self.tokenizer.encode(before + text + self.after)
-            if len(ids) <= self.max_tokens or not text:
-                return ids[:self.max_tokens]
-            text = text[:max(0, min(len(text) - 1, len(text) * self.max_tokens // len(ids) - 1))]
+        ids = self.tokenizer.encode(before + observation + self.after)
+        if len(ids) <= self.max_tokens:
+            return ids
+        low, high = 0, len(observation)  # the longest prefix of the observation that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if len(self.tokenizer.encode(before + observation[:middle] + self.after)) <= self.max_tokens:
+                low = middle
+            else:
+                high = middle - 1
+        return self.tokenizer.encode(before + observation[:low] + self.after)[:self.max_tokens]

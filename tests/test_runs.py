@@ -46,7 +46,9 @@ def comparable(records):
 
 VARIANTS = {"ppo": ("--algo", "ppo"), "lora": ("--lora_rank", "4"),
             # steps 3 and 5 sample the next rollout during their update; steps 2, 4, 6 save
-            "one_step_off": ("--pipeline", "one_step_off", "--checkpoint_every", "2")}
+            "one_step_off": ("--pipeline", "one_step_off", "--checkpoint_every", "2"),
+            # 3-turn episodes of a toy environment: the kill lands in a rollout of episodes
+            "multi_turn": ("--multi_turn",)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))  # GRPO: the main command's kill trials below
@@ -79,6 +81,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, variant):
     resumed_metrics = read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in resumed_metrics] == list(range(1, steps + 1))
     assert comparable(straight_metrics) == comparable(resumed_metrics)
+    if variant == "multi_turn":  # episodes of more than one turn were trained on
+        assert max(r["reward/turns"] for r in straight_metrics) > 1
     staleness = [r["rollout_staleness"] for r in straight_metrics]
     assert staleness == ([0, 1, 0, 1, 0, 1] if variant == "one_step_off" else [0] * steps)
 

@@ -9,6 +9,7 @@ import argparse
 import os
 import pathlib
 import sys
+import time
 
 parser = argparse.ArgumentParser()
 parser.add_argument("workdir")
@@ -25,6 +26,7 @@ parser.add_argument("--algo", default="grpo", help="grpo, or ppo (a critic, KL i
 parser.add_argument("--lora_rank", type=int, default=0, help="LoRA adapters of this rank (0: all params)")
 parser.add_argument("--pipeline", default="sync", help="config.rollout.pipeline")
 parser.add_argument("--checkpoint_every", type=int, default=1)
+parser.add_argument("--multi_turn", action="store_true", help="3-turn episodes of a toy environment")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -36,13 +38,15 @@ from flax import nnx  # noqa: E402
 from grpo_jax import sharding  # noqa: E402
 from grpo_jax.config import GRPOConfig  # noqa: E402
 from grpo_jax.models import ModelConfig, Transformer  # noqa: E402
+from grpo_jax.multiturn import EpisodeSampler  # noqa: E402
+from grpo_jax.tokenizers import CharTokenizer  # noqa: E402
 from grpo_jax.trainer import Trainer, train  # noqa: E402
 
 if args.num_processes:
     sharding.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
-MODEL = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, max_position_embeddings=64)
+MODEL = ModelConfig(vocab_size=128 if args.multi_turn else 32, hidden_size=32, intermediate_size=64,
+                    num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=64)
 rng = np.random.default_rng(0)
 dataset = [{"prompt_tokens": rng.integers(2, 32, rng.integers(2, 7)).tolist()} for _ in range(40)]
 
@@ -52,8 +56,24 @@ def reward_fn(examples, completions):
     return rewards, {"target_share": rewards}
 
 
+class ToyEnv:
+    """Up to 3 turns; observes the turn's length, rewards 'a's, ends when a turn has a 'b'. Each step takes
+    a few milliseconds, so a kill during a rollout lands while episodes are being sampled."""
+
+    def reset(self, example):
+        self.turn = 0
+
+    def step(self, text):
+        self.turn += 1
+        time.sleep(0.003)
+        return f"n{len(text)}", text.count("a") / 4, "b" in text
+
+
 cfg = GRPOConfig.from_dict(dict(
-    sampling=dict(group_size=4, max_new_tokens=6, buckets=(8,), stop_tokens=(1,)),
+    sampling=dict(group_size=4, max_new_tokens=6, buckets=(8,), stop_tokens=(1,),
+                  vocab_limit=101 if args.multi_turn else 0),
+    env=dict(max_turns=3 if args.multi_turn else 1, max_observation_tokens=8,
+             observation_template="<{observation}>"),
     rollout=dict(num_prompts=8, pipeline=args.pipeline),
     loss=dict(beta=0.04, rollout_correction="tis" if args.pipeline == "one_step_off" else "none"),
     optimizer=dict(learning_rate=1e-2, adam_eps=args.adam_eps),
@@ -61,8 +81,9 @@ cfg = GRPOConfig.from_dict(dict(
     lora=dict(rank=args.lora_rank), algo=args.algo, seed=3))
 mesh = sharding.make_mesh(args.mesh)
 rollout_mesh = sharding.make_mesh(args.rollout_mesh) if args.rollout_mesh else None
+episodes = EpisodeSampler(ToyEnv, CharTokenizer()) if args.multi_turn else None
 trainer = Trainer(Transformer(MODEL, nnx.Rngs(0)), cfg, dataset, reward_fn, mesh=mesh,
-                  rollout_mesh=rollout_mesh)
+                  rollout_mesh=rollout_mesh, episodes=episodes)
 workdir = pathlib.Path(args.workdir)
 workdir.mkdir(parents=True, exist_ok=True)
 if args.no_checkpoints:
