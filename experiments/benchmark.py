@@ -17,6 +17,12 @@ grpo_iteration: whole GRPO iterations (sample + rewards + reference + update) on
   median matmul call, and the fastest iteration against the fastest call. The update runs on one device;
   sampling runs there and, on a CPU, also data-parallel over one CPU device per core (Trainer's
   `rollout_mesh`), both reported.
+turns: the overhead of turns. GRPO iterations on the sampler benchmark's model (8 prompts x G=8, 64-token
+  prompts) over 4-turn episodes of an environment that answers every turn with a 16-token observation
+  (turns of at most 32 tokens, ending at a stop token drawn ~10% of the time per token), against iterations
+  sampling the same number of tokens per row (the episodes' mean length, policy and observation tokens) as
+  one turn without stop tokens: median seconds per iteration and its sampling part, the decode steps each
+  ran (a turn runs until its longest episode stops), and the roofline limit of the one-turn work.
 roofline: the f32 matmul roofline alone (--calls timed 2048 x 2048 matmuls, 50 by default), e.g. under
   `taskset`.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
@@ -56,11 +62,13 @@ from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
 from grpo_jax.profiling import Roofline, grpo_work_flops, time_calls
 from grpo_jax.sampling import SamplingConfig, sample
+from grpo_jax.multiturn import EpisodeSampler
+from grpo_jax.tokenizers import CharTokenizer
 from grpo_jax.trainer import Trainer
 
 _BENCH = flags.DEFINE_enum("bench", "logprobs_memory",
                            ["logprobs_memory", "sampling", "grpo_iteration", "train_step", "roofline",
-                            "memory"],
+                            "memory", "turns"],
                            "Which benchmark to run.")
 _VOCAB = flags.DEFINE_integer("vocab", 151936, "logprobs_memory: vocabulary size V.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "logprobs_memory: tokens B * T (as B=4 sequences).")
@@ -301,6 +309,85 @@ def bench_grpo_iteration() -> None:
               f"{fastest / strict_limit:.2f}x")
         print("    " + "  ".join(f"{stage} {flops[stage] / split[f'time_{stage}'] / 1e9:.0f} GFLOP/s"
                                  for stage in ("sampling", "update")))
+
+
+class _ObservingEnv:
+    """Every turn is answered with the same 8-character observation, until the episode runs out of turns."""
+
+    def reset(self, example):
+        return None
+
+    def step(self, completion):
+        return "12345678", 0.1 * (len(completion) % 3), False
+
+
+def bench_turns() -> None:
+    num_prompts, group_size, prompt_len, turns, turn_tokens = 8, 8, 64, 4, 32
+    tokenizer = CharTokenizer()
+    roofline = Roofline()
+    roofline.measure()
+    rng = np.random.default_rng(0)
+    dataset = [{"prompt_tokens": rng.integers(4, 100, prompt_len).tolist()} for _ in range(64)]
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    common = dict(rollout=dict(num_prompts=num_prompts), optimizer=dict(learning_rate=1e-5),
+                  updates=dict(grad_accum_steps=_GRAD_ACCUM.value))
+    multi = GRPOConfig.from_dict(dict(
+        sampling=dict(group_size=group_size, max_new_tokens=turn_tokens, buckets=(prompt_len,),
+                      stop_tokens=tuple(range(4, 14)), vocab_limit=tokenizer.vocab_size),
+        env=dict(max_turns=turns, max_observation_tokens=16, observation_template="<r>{observation}</r>"),
+        **common))
+    trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), multi, dataset, None, mesh=mesh,
+                      episodes=EpisodeSampler(_ObservingEnv, tokenizer))
+    trainer.iteration()  # compile
+    multi_runs, lengths, steps = [], [], []
+    for _ in range(_REPEATS.value):
+        multi_runs.append(trainer.iteration())
+        sequence = sharding.to_host(trainer.last_rollout.sample.sequence_mask)
+        lengths.append(sequence.sum(1).mean())
+        # Each turn decodes until its longest episode stops: its decode steps are the turn's longest.
+        by_turn = {}
+        for row in range(sequence.shape[0]):
+            episode_turns = _turn_lengths(trainer.last_rollout.mask[row], sequence[row])
+            for t, n in enumerate(episode_turns):
+                by_turn[t] = max(by_turn.get(t, 0), n)
+        steps.append(sum(by_turn.values()))
+    roofline.measure()
+    tokens = int(round(statistics.median(lengths)))
+    single = GRPOConfig.from_dict(dict(
+        sampling=dict(group_size=group_size, max_new_tokens=tokens, buckets=(prompt_len,),
+                      vocab_limit=tokenizer.vocab_size), **common))
+    trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), single, dataset, _constant_reward, mesh=mesh)
+    trainer.iteration()  # compile
+    single_runs = [trainer.iteration() for _ in range(_REPEATS.value)]
+    roofline.measure()
+    flops = sum(grpo_work_flops(trainer.model_config, num_prompts, group_size, prompt_len, tokens,
+                                0.0).values())
+    limit = flops / roofline.median / 1e9
+    keys = ("time_sampling", "time_rewards", "time_reference", "time_update")
+    print(f"turns: tiny model, {num_prompts} prompts x G={group_size}, prompt {prompt_len}, "
+          f"{jax.default_backend()}; {roofline}")
+    print(f"  {turns}-turn episodes: {statistics.median(lengths):.1f} tokens per episode (median of "
+          f"{len(lengths)} iterations), {statistics.median(steps):.0f} decode steps per iteration")
+    for name, runs in ((f"{turns} turns", multi_runs), (f"1 turn of {tokens} tokens", single_runs)):
+        total = statistics.median(sum(r[k] for k in keys) for r in runs)
+        sampling_time = statistics.median(r["time_sampling"] for r in runs)
+        print(f"  {name}: {total:.3f} s/iteration (median of {len(runs)}), sampling {sampling_time:.3f} s, "
+              f"update {statistics.median(r['time_update'] for r in runs):.3f} s; {total / limit:.2f}x the "
+              f"roofline limit of the one-turn work ({flops / 1e9:.0f} GFLOP, {limit:.3f} s)")
+
+
+def _turn_lengths(policy: np.ndarray, sequence: np.ndarray) -> list[int]:
+    """The lengths of the runs of policy tokens in one episode's row (its turns)."""
+    lengths, run = [], 0
+    for is_policy, is_read in zip(policy, sequence, strict=True):
+        if is_policy:
+            run += 1
+        elif run:
+            lengths.append(run)
+            run = 0
+        if not is_read:
+            break
+    return lengths + ([run] if run else [])
 
 
 def bench_train_step() -> None:
@@ -552,7 +639,7 @@ def main(argv) -> None:
     del argv
     benches = {"logprobs_memory": bench_logprobs_memory, "sampling": bench_sampling,
                "grpo_iteration": bench_grpo_iteration, "train_step": bench_train_step,
-               "roofline": bench_roofline, "memory": bench_memory}
+               "roofline": bench_roofline, "memory": bench_memory, "turns": bench_turns}
     if _BENCH.value == "grpo_iteration":  # before the backend starts: one CPU device per core
         jax.config.update("jax_num_cpu_devices", _rollout_devices())
     if _BENCH.value == "memory":  # before the backend starts: see CPU_MEMORY_FLAG

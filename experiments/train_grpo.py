@@ -333,7 +333,11 @@ def supervised_warm_start(config, model: Transformer, dataset, tokenizer: Tokeni
         expression = f"{a}{example['op']}{b}"
         call = tokenizer.encode(environments.format_tool_call(
             "calculator", {"expression": expression}, grpo.env.tool_format)) + [tokenizer.eos_id]
-        result = observe(environments.calculator(expression))
+        result, cut = observe.encode(environments.calculator(expression))
+        if cut:
+            raise ValueError(f"config.env.max_observation_tokens={grpo.env.max_observation_tokens} cuts the "
+                             f"calculator's result {environments.calculator(expression)} in the warm start's "
+                             "demonstrations; raise it.")
         return call + result + answer, [True] * len(call) + [False] * len(result) + [True] * len(answer)
 
     start = time.time()

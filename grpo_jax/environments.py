@@ -336,6 +336,10 @@ class Observations:
         return before, after, tuple(s for s in stop_texts if s)
 
     def __call__(self, observation: str) -> list[int]:
+        return self.encode(observation)[0]
+
+    def encode(self, observation: str) -> tuple[list[int], bool]:
+        """(the observation's ids, whether its text was cut to fit `max_tokens`)."""
         before = self.before
         for stop in self.stop_texts:
             if before.startswith(stop):
@@ -343,7 +347,7 @@ class Observations:
                 break
         ids = self.tokenizer.encode(before + observation + self.after)
         if len(ids) <= self.max_tokens:
-            return ids
+            return ids, False
         low, high = 0, len(observation)  # the longest prefix of the observation that fits, by bisection
         while low < high:
             middle = (low + high + 1) // 2
@@ -351,4 +355,4 @@ class Observations:
                 low = middle
             else:
                 high = middle - 1
-        return self.tokenizer.encode(before + observation[:low] + self.after)[:self.max_tokens]
+        return self.tokenizer.encode(before + observation[:low] + self.after)[:self.max_tokens], True

@@ -42,9 +42,11 @@ class Episode:
     policy: list[bool] = dataclasses.field(default_factory=list)  # per token: sampled by the policy
     logprobs: list[float] = dataclasses.field(default_factory=list)  # the sampler's (0 on observations)
     turns: list[str] = dataclasses.field(default_factory=list)  # each turn's text
+    turn_lengths: list[int] = dataclasses.field(default_factory=list)  # each turn's sampled tokens
     observations: list[str] = dataclasses.field(default_factory=list)
     turn_rewards: list[float] = dataclasses.field(default_factory=list)
     truncated: bool = False  # the last turn reached max_new_tokens without a stop token
+    observations_cut: int = 0  # observations shortened to config.env.max_observation_tokens
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # Environment.metrics()
 
     def add(self, ids: Sequence[int], policy: bool, logprobs: Sequence[float] | None = None) -> None:
@@ -124,12 +126,15 @@ class EpisodeSampler:
                 text = self.tokenizer.decode(ids)
                 observation, reward, done = _checked_step(envs[r], text, turn)
                 episode.turns.append(text)
+                episode.turn_lengths.append(len(ids))
                 episode.turn_rewards.append(reward)
                 episode.truncated = bool(truncated[j])
                 if done or episode.truncated or turn + 1 == env.max_turns:
                     continue
                 episode.observations.append(observation)
-                episode.add(observe(observation), False)
+                ids, cut = observe.encode(observation)
+                episode.add(ids, False)
+                episode.observations_cut += cut
                 still.append(r)
             running = still
             if not running:
@@ -166,6 +171,7 @@ class EpisodeSampler:
         per_row = {name: np.array([e.metrics.get(name, 0.0) for e in episodes], np.float64)
                    for name in sorted({k for e in episodes for k in e.metrics})}
         per_row["turns"] = np.array([len(e.turns) for e in episodes], np.float64)
+        per_row["observations_cut"] = np.array([e.observations_cut for e in episodes], np.float64)
         if self.reward_fn is None:
             return np.array([sum(e.turn_rewards) for e in episodes], np.float32), per_row
         result = self.reward_fn([e for e in examples for _ in range(g)], episodes)

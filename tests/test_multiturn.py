@@ -96,6 +96,9 @@ def test_the_loss_mask_is_exactly_the_policy_tokens_and_the_observations_are_rea
             assert tokens[row, run].tolist() == observe(observation)  # encoded, markers included
             assert len(run) <= 12
         assert np.isclose(rewards[row], sum(episode.turn_rewards))
+        # "<r>" + text + "</r>\n" is 8 + len(text) characters: a longer text than 4 is cut, and counted.
+        assert episode.observations_cut == sum(len(o) > 4 for o in episode.observations)
+    assert sum(e.observations_cut for e in episodes) > 0
 
 
 class LowercasingTokenizer(CharTokenizer):

@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
         loss=dict(epsilon=0.2, epsilon_high=0.28, aggregation="token-mean", beta=0.0),
         optimizer=dict(learning_rate=6e-4, schedule="cosine", max_grad_norm=1.0),
         updates=dict(grad_accum_steps=2),
-        env=dict(max_turns=2, max_observation_tokens=24, tool_format="pythonic",
+        env=dict(max_turns=2, max_observation_tokens=32, tool_format="pythonic",
                  observation_template="<result>{observation}</result>\n"),
     ))
     return config
