@@ -67,6 +67,12 @@ def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
     ({"max_prompt_tokens": 4}, "prompt"),
     ({"mesh_shape": "1,1,-1", "rollout_mesh_shape": "-1,1,1", "rollout.num_prompts": 12},
      "rollout_mesh_shape"),
+    ({"env.max_turns": 2}, r"config.env.max_turns=2 > 1 needs an environment: set config.tools"),
+    ({"tools": ("calculator",)}, r"config.tools=\('calculator',\) needs config.env.max_turns >= 2"),
+    ({"tools": ("shell",), "env.max_turns": 2}, "must be a tuple of tool names from"),
+    ({"warm_start.tool_fraction": 0.5}, "needs config.task='arithmetic' and 'calculator' in config.tools"),
+    ({"tools": ("calculator",), "env.max_turns": 2, "model.max_position_embeddings": 64},
+     r"x config.env.max_turns=2, with their observations"),
 ])
 def test_inconsistent_configs_fail_fast(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -163,6 +169,30 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
+
+
+def test_calculator_config_trains_on_tool_episodes_and_resumes(tmp_path):
+    """The multi-turn calculator config, shortened: a warm start on demonstrations with and without the
+    tool, two GRPO steps over two-turn episodes (stopped after one and resumed), the held-out greedy
+    episodes' accuracy and tool-call rate."""
+    command = [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
+               f"--config={ROOT / 'experiments' / 'configs' / 'calculator_tiny.py'}", f"--workdir={tmp_path}",
+               "--config.num_steps=2", "--config.rollout.num_prompts=4", "--config.warm_start.steps=2",
+               "--config.warm_start.eval_every=2", "--config.eval_examples=4", "--config.eval_every=1",
+               "--config.warm_start.tool_fraction=1.0", f"--compilation_cache={tmp_path / 'cache'}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for extra in (["--stop_after=1"], []):
+        done = subprocess.run(command + extra, capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["rollout_kl"] < 1e-5 and 0 <= m["eval/tool_call_rate"] <= 1
+        assert {"reward/tool_calls", "reward/tool_errors", "reward/turns", "reward/observations_cut"} <= set(m)
+    start = json.loads((tmp_path / "accuracy_at_grpo_start.json").read_text())
+    assert set(start) == {"greedy_accuracy", "tool_call_rate"}
+    assert json.loads((tmp_path / "accuracy.json").read_text())["examples"] == 4
 
 
 def test_default_run_learns(tmp_path):

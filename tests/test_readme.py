@@ -34,7 +34,7 @@ from grpo_jax.config import TOKENIZER_FIELDS, flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-CONFIGS = ("arithmetic_tiny", "countdown_qwen", "gsm8k_qwen2_5_0_5b", "smollm2_multiply")
+CONFIGS = ("arithmetic_tiny", "countdown_qwen", "gsm8k_qwen2_5_0_5b", "smollm2_multiply", "calculator_tiny")
 REFERENCE_HEADING = "## Config reference"
 # Sampler fields the experiment sets from the tokenizer: documented, but not fields of any config file.
 TOKENIZER_PATHS = {f"config.sampling.{name}" for name in TOKENIZER_FIELDS}
@@ -409,6 +409,11 @@ def exercise_smollm2_train(commands: list[str], session: Session) -> None:
     shortened_run_exists("test_main_command_trains_smollm2_from_the_gguf", "train_grpo.py", "test_smollm2.py")
 
 
+def exercise_calculator(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert FLAGS.config.tools == ('calculator',) or FLAGS.config.env.max_turns == 1")
+    shortened_run_exists("test_calculator_config_trains_on_tool_episodes_and_resumes", "train_grpo.py")
+
+
 def exercise_export_gguf(commands: list[str], session: Session) -> None:
     parse_flags(commands, "assert FLAGS.format == 'gguf' and "
                           "FLAGS.gguf_type in ('F16', 'BF16', 'Q8_0', 'F32')")
@@ -443,7 +448,7 @@ COMMANDS = (
         exercise_evaluate),
     Row("bench-logprobs", r"python experiments/benchmark\.py --bench=logprobs_memory( .*)?",
         "run with the README's flags at toy sizes (V=512, 64 tokens, D=32)", exercise_logprobs_bench),
-    Row("bench-timed", r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step)( .*)?",
+    Row("bench-timed", r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step|turns)( .*)?",
         "minutes at their fixed sizes: the README's flags are parsed by benchmark.py's own flags and the "
         "bench exists", exercise_timed_benches),
     Row("bench-smollm2", r"python experiments/bench_smollm2\.py --bench=(sampler|iteration|compile)( .*)?",
@@ -476,6 +481,11 @@ COMMANDS = (
         r"--workdir=\S+( .*)?",
         "flags parsed by train_grpo.py's own flags; a shortened run of this config from the installed GGUF "
         "is tests/test_smollm2.py::test_main_command_trains_smollm2_from_the_gguf", exercise_smollm2_train),
+    Row("calculator", r"python experiments/train_grpo\.py --config=experiments/configs/calculator_tiny\.py "
+        r"--workdir=\S+( .*)?",
+        "flags parsed by train_grpo.py's own flags; a shortened run (stopped and resumed) is "
+        "tests/test_experiments.py::test_calculator_config_trains_on_tool_episodes_and_resumes",
+        exercise_calculator),
     Row("export-gguf", r"python experiments/export\.py .*--format=gguf.*",
         "flags parsed by export.py's own flags; the export is "
         "tests/test_gguf.py::test_export_py_writes_a_runs_policy_as_gguf", exercise_export_gguf),

@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer = "char"  # "char" or a Hugging Face model directory
     config.max_prompt_tokens = 32
     config.rewards = (("accuracy", 1.0),)  # (name, weight); names: see experiments/train_grpo.py REWARDS
+    config.tools = ()  # tools the policy may call in multi-turn episodes (config.env), e.g. ("calculator",)
 
     # A randomly initialised ModelConfig(**config.model); with config.checkpoint (a Hugging Face directory),
     # these fields would override the ones of its config.json instead.
@@ -44,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     # accuracy swung by 10-15 points and some trajectories were still below 10% after 2000 steps. The
     # average, not the raw params, is checked and returned: it crosses the threshold only for real.
     config.warm_start = ml_collections.ConfigDict(dict(
-        steps=1000, batch_size=64, learning_rate=1e-3, ema=0.99, threshold=0.3, eval_every=25))
+        steps=1000, batch_size=64, learning_rate=1e-3, ema=0.99, threshold=0.3, eval_every=25,
+        tool_fraction=0.0))
 
     # 6e-4 decayed to 0 (cosine): from the same 12-13% starts (two seeds), 1e-3 dropped the reward from 0.12
     # to 0.03 within 50 steps and ended +8 to +12 points, 6e-4 rose steadily to +34 to +49. A constant 1e-3
