@@ -60,9 +60,9 @@ from grpo_jax import profiling, sampling, sharding, token_logprobs
 from grpo_jax import update as update_lib
 from grpo_jax.config import SECTIONS, GRPOConfig
 from grpo_jax.models import ModelConfig, Transformer, causal_mask, positions_from_mask, save_hf_checkpoint
+from grpo_jax.multiturn import EpisodeSampler
 from grpo_jax.profiling import Roofline, grpo_work_flops, time_calls
 from grpo_jax.sampling import SamplingConfig, sample
-from grpo_jax.multiturn import EpisodeSampler
 from grpo_jax.tokenizers import CharTokenizer
 from grpo_jax.trainer import Trainer
 

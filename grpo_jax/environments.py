@@ -56,6 +56,7 @@ class EnvConfig:
 
     def __post_init__(self):
         check_option("config.env.tool_format", self.tool_format, TOOL_FORMATS)
+        template = self.observation_template
         check_fields("config.env", [
             ("max_turns", self.max_turns, isinstance(self.max_turns, int) and self.max_turns >= 1,
              "must be an integer >= 1 (1: single-turn)"),
@@ -65,8 +66,7 @@ class EnvConfig:
             ("tool_timeout", self.tool_timeout, finite(self.tool_timeout) and self.tool_timeout > 0,
              "must be a number of seconds > 0"),
             ("observation_template", self.observation_template,
-             isinstance(self.observation_template, str) and (
-                 self.observation_template == "chat" or self.observation_template.count("{observation}") == 1),
+             isinstance(template, str) and (template == "chat" or template.count("{observation}") == 1),
              "must be \"chat\" or a text with exactly one {observation} placeholder"),
         ])
 
@@ -203,7 +203,8 @@ def run_tool(tool: Tool, call: ToolCall, timeout: float) -> tuple[str, bool]:
         return f"error: {tool.name} timed out after {timeout:g} s", True
     if "error" in outcome:
         error = outcome["error"]
-        return f"error: {tool.name} raised {type(error).__name__}: {_safe_str(error)}"[:MAX_RESULT_CHARS], True
+        message = f"error: {tool.name} raised {type(error).__name__}: {_safe_str(error)}"
+        return message[:MAX_RESULT_CHARS], True
     value = outcome["value"]
     if isinstance(value, bool) or not isinstance(value, str | int | float | Fraction):
         return f"error: {tool.name} returned {type(value).__name__}, not text or a number", True

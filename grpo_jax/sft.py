@@ -86,7 +86,8 @@ def warm_start(
     `evaluate(model) >= threshold` (checked every `eval_every` steps) when a threshold is given. Returns the
     trained model and a history of {"step", "loss"[, "eval"]} records. A target is a token list, or an
     `(ids, loss mask)` pair for a multi-turn demonstration (the loss on the policy's turns only).
-    Examples are drawn from `dataset` in a seeded random order, and trained with Adam at `learning_rate`. With `ema` > 0, the model evaluated and
+    Examples are drawn from `dataset` in a seeded random order, and trained with Adam at `learning_rate`.
+    With `ema` > 0, the model evaluated and
     returned is the exponential moving average of the params (Polyak averaging, `a <- ema * a + (1 - ema) *
     params` after each step): a constant-rate Adam trajectory bounces (held-out accuracy can swing by 10
     points between evaluations 25 steps apart), so a threshold checked on the raw params stops at a lucky

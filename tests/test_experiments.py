@@ -189,7 +189,8 @@ def test_calculator_config_trains_on_tool_episodes_and_resumes(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["rollout_kl"] < 1e-5 and 0 <= m["eval/tool_call_rate"] <= 1
-        assert {"reward/tool_calls", "reward/tool_errors", "reward/turns", "reward/observations_cut"} <= set(m)
+        assert {"reward/tool_calls", "reward/tool_errors", "reward/turns",
+                "reward/observations_cut"} <= set(m)
     start = json.loads((tmp_path / "accuracy_at_grpo_start.json").read_text())
     assert set(start) == {"greedy_accuracy", "tool_call_rate"}
     assert json.loads((tmp_path / "accuracy.json").read_text())["examples"] == 4

@@ -51,8 +51,8 @@ def sampling(group_size=4, max_new_tokens=8, **fields):
 
 def examples(n, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"prompt": "q", "answer": "1", "prompt_tokens": rng.integers(4, 100, rng.integers(3, 12)).tolist()}
-            for _ in range(n)]
+    return [{"prompt": "q", "answer": "1",
+             "prompt_tokens": rng.integers(4, 100, rng.integers(3, 12)).tolist()} for _ in range(n)]
 
 
 class RandomEnv:
@@ -140,7 +140,8 @@ def test_sampled_tokens_are_never_re_encoded_and_train_with_the_samplers_log_pro
     # Without the sequence mask (observations unread) the log-probs of later turns are another policy's.
     unread = completion_logprobs(policy, out.prompt_tokens, out.prompt_mask, out.tokens, out.mask,
                                  vocab_limit=tokenizer.vocab_size)
-    assert np.where(np.asarray(out.mask), np.abs(np.asarray(unread) - np.asarray(out.logprobs)), 0).max() > 1e-2
+    unread_difference = np.abs(np.asarray(unread) - np.asarray(out.logprobs))
+    assert np.where(np.asarray(out.mask), unread_difference, 0).max() > 1e-2
 
 
 def make_config(max_turns=3, observation_tokens=10, **fields):
@@ -148,12 +149,14 @@ def make_config(max_turns=3, observation_tokens=10, **fields):
         sampling=dict(group_size=4, max_new_tokens=8, buckets=(16,), stop_tokens=STOPS,
                       vocab_limit=TOKENIZER.vocab_size),
         rollout=dict(num_prompts=8), optimizer=dict(learning_rate=1e-3), seed=0,
-        env=dict(max_turns=max_turns, max_observation_tokens=observation_tokens, observation_template=TEMPLATE),
+        env=dict(max_turns=max_turns, max_observation_tokens=observation_tokens,
+                 observation_template=TEMPLATE),
         **fields))
 
 
 def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
-    trainer = Trainer(model(), make_config(), examples(16), None, episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+    trainer = Trainer(model(), make_config(), examples(16), None,
+                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
     metrics = [trainer.iteration() for _ in range(2)]
     assert max(m["reward/turns"] for m in metrics) > 1.5
     for m in metrics:
@@ -166,7 +169,8 @@ def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
 
 
 def test_observation_tokens_get_no_gradient():
-    trainer = Trainer(model(), make_config(), examples(16), None, episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+    trainer = Trainer(model(), make_config(), examples(16), None,
+                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
     batch = trainer.batch(trainer.collect(jax.random.key(0)))
     observation = np.asarray(batch["sequence_mask"] & ~batch["completion_mask"])
     assert observation.any()
@@ -182,7 +186,8 @@ def test_observation_tokens_get_no_gradient():
 
 def test_tool_calls_are_parsed_in_both_formats_and_never_evaluated():
     assert parse_tool_call("no call here") is None
-    call = parse_tool_call('x <tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>')
+    call = parse_tool_call(
+        'x <tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>')
     assert (call.name, call.kwargs) == ("calculator", {"expression": "2*3"})
     call = parse_tool_call("<tool_call>calculator('2*3', 4, key=[1, 2])</tool_call>", "pythonic")
     assert (call.name, call.args, call.kwargs) == ("calculator", ("2*3", 4), {"key": [1, 2]})
@@ -239,7 +244,8 @@ def test_a_raising_hanging_or_garbage_tool_gives_an_error_observation():
     assert "no tool 'missing'" in outcomes["missing"][0]
     for observation, reward, done in outcomes.values():
         assert observation.startswith("error: ") and reward == 0.0 and not done
-    assert env.step("<tool_call>calculator(expression=3)</tool_call>")[0].startswith("error: calculator raised")
+    observation = env.step("<tool_call>calculator(expression=3)</tool_call>")[0]
+    assert observation.startswith("error: calculator raised")
     assert env.step("<tool_call>calculator(1, 2)</tool_call>")[0].startswith("error: calculator()")
     assert env.step("<tool_call>calculator('2*3')</tool_call>") == ("6", 0.0, False)
     assert env.step("the answer is 6") == (None, 1.0, True)
@@ -294,11 +300,12 @@ def test_greedy_evaluation_counts_tool_calls_and_accuracy():
             return None, float(self.example["answer"]), True
 
         def metrics(self):
-            return {"accuracy": float(self.example["answer"]), "tool_calls": 1.0 - float(self.example["answer"])}
+            right = float(self.example["answer"])
+            return {"accuracy": right, "tool_calls": 1.0 - right}
 
     exs = [dict(e, answer=str(i % 2)) for i, e in enumerate(examples(5))]
-    result = evaluate_episodes(model(), exs, EpisodeSampler(Scripted, TOKENIZER), sampling(), EnvConfig(max_turns=2),
-                               batch_prompts=2)
+    result = evaluate_episodes(model(), exs, EpisodeSampler(Scripted, TOKENIZER), sampling(),
+                               EnvConfig(max_turns=2), batch_prompts=2)
     assert result["accuracy"] == pytest.approx(2 / 5) and result["tool_call_rate"] == pytest.approx(3 / 5)
     assert result["turns"] == 1.0
 

@@ -448,7 +448,8 @@ COMMANDS = (
         exercise_evaluate),
     Row("bench-logprobs", r"python experiments/benchmark\.py --bench=logprobs_memory( .*)?",
         "run with the README's flags at toy sizes (V=512, 64 tokens, D=32)", exercise_logprobs_bench),
-    Row("bench-timed", r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step|turns)( .*)?",
+    Row("bench-timed",
+        r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step|turns)( .*)?",
         "minutes at their fixed sizes: the README's flags are parsed by benchmark.py's own flags and the "
         "bench exists", exercise_timed_benches),
     Row("bench-smollm2", r"python experiments/bench_smollm2\.py --bench=(sampler|iteration|compile)( .*)?",

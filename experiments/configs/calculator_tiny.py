@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.init_perturbation = 0.0
-    config.num_steps = 60
+    config.num_steps = 100
     config.checkpoint_every = 20
     config.log_every = 1
     config.loggers = ("tensorboard",)
