@@ -8,11 +8,13 @@ Pass the config the run trained with (with the same overrides): the model is bui
 only the policy's params (under LoRA its adapters, merged into the base) are read from the workdir's latest
 checkpoint (no optimizer state, critic or reference); a workdir without one evaluates the freshly
 initialised (or imported, config.checkpoint) model.
-Prints one line per metric and writes <workdir>/eval_<split>.json.
+Prints one line per metric and writes <workdir>/eval_<split>.json. A config with tools (config.tools,
+multi-turn episodes) is evaluated on greedy episodes: accuracy, tool-call rate, tool errors and turns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -20,9 +22,17 @@ import jax
 from absl import app, flags, logging
 
 # Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from train_grpo import grpo_config, load_run, make_examples, make_model, make_template, make_tokenizer
+from train_grpo import (
+    grpo_config,
+    load_run,
+    make_episodes,
+    make_examples,
+    make_model,
+    make_template,
+    make_tokenizer,
+)
 
-from grpo_jax import lora, rewards
+from grpo_jax import lora, multiturn, rewards
 from grpo_jax.data import TokenizedDataset
 from grpo_jax.evaluation import evaluate, greedy_completions
 
@@ -60,6 +70,10 @@ def main(argv) -> None:
     buckets = grpo.sampling.buckets
     dataset = TokenizedDataset(examples, tokenizer, make_template(config.template),
                                max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
+    episodes = make_episodes(config, tokenizer, grpo)
+    if episodes is not None:
+        evaluate_episodes(model, dataset, episodes, grpo, workdir, step)
+        return
     metrics = evaluate(model, dataset, tokenizer, key=jax.random.key(_SEED.value),
                        num_samples=_NUM_SAMPLES.value, ks=[int(k) for k in _KS.value],
                        max_new_tokens=grpo.sampling.max_new_tokens, temperature=_TEMPERATURE.value,
@@ -75,6 +89,27 @@ def main(argv) -> None:
             print(f"{'right' if score else 'wrong'} | {example['prompt']} -> {text!r}")
     result = {**metrics, "step": step, "split": _SPLIT.value, "num_examples": len(dataset),
               "num_samples": _NUM_SAMPLES.value, "temperature": _TEMPERATURE.value}
+    path = workdir / f"eval_{_SPLIT.value}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def evaluate_episodes(model, dataset, episodes, grpo, workdir: pathlib.Path, step: int) -> None:
+    """Greedy multi-turn episodes: their mean metrics, and with --show the first ones' turns."""
+    metrics = multiturn.evaluate_episodes(model, dataset, episodes, grpo.sampling, grpo.env)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    shown = [dataset[i] for i in range(min(_SHOW.value, len(dataset)))]
+    if shown:
+        greedy = dataclasses.replace(grpo.sampling, temperature=0.0, group_size=1)
+        _, rewards_, _, records = episodes.sample(model, shown, jax.random.key(_SEED.value), greedy, grpo.env)
+        for example, reward, episode in zip(shown, rewards_, records, strict=True):
+            turns = " | ".join(f"{turn!r}" + (f" -> {obs!r}" if i < len(episode.observations) else "")
+                               for i, (turn, obs) in enumerate(
+                                   zip(episode.turns, [*episode.observations, ""], strict=False)))
+            print(f"{'right' if reward > 0 else 'wrong'} | {example['prompt']} -> {turns}")
+    result = {**metrics, "step": step, "split": _SPLIT.value, "num_examples": len(dataset)}
     path = workdir / f"eval_{_SPLIT.value}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,11 @@ result is a `SampleOutput` whose `mask` marks the policy's tokens (loss, KL, adv
 
 Rewards: the episode's reward is the sum of its turns' rewards (`Environment.step`), or what
 `reward_fn(examples, episodes)` returns from the `Episode` records (per-turn rewards, texts, metrics).
+
+The environments run on the host, in the process's own thread (the rollout thread under the one_step_off
+pipeline). In a multi-process run every process steps every episode's environment on the same gathered
+turns, so environments must be deterministic there (a tool that times out on one process and not on
+another would make their episodes differ).
 """
 
 from __future__ import annotations

@@ -86,6 +86,10 @@ def test_quickstart_trains_with_grpo_and_changes_the_answers(kernel_manager_clas
     images = [output for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
     assert images, "the training curves were not plotted inline"
+    tools = re.search(r"^SUMMARY_TOOLS (.*)$", printed, re.MULTILINE)  # section 10: the multi-turn API
+    assert tools, printed[-2000:]
+    tools = dict(item.split("=", 1) for item in tools.group(1).split())
+    assert float(tools["turns"]) >= 1 and float(tools["rollout_kl"]) < 1e-5, tools
 
 
 def test_losses_notebook_compares_every_variant_on_one_batch(kernel_manager_class):
