@@ -118,8 +118,11 @@ def test_char_chat_template():
 
 
 def test_char_chat_template_errors():
-    with pytest.raises(ValueError, match=r"messages\[1\]\['role'\]='tool' is not supported"):
-        CHAR.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    with pytest.raises(ValueError, match=r"messages\[1\]\['role'\]='function' is not supported"):
+        CHAR.apply_chat_template([{"role": "user", "content": "a"}, {"role": "function", "content": "b"}])
+    # "tool" is a role: a multi-turn episode's observations are tool messages
+    assert CHAR.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+                                    add_generation_prompt=False) == "User: a\nTool: b\n"
     with pytest.raises(ValueError, match=r"messages\[0\]\['content'\]=None must be a string"):
         CHAR.apply_chat_template([{"role": "user"}])
 
