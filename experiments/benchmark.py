@@ -22,7 +22,8 @@ turns: the overhead of turns. GRPO iterations on the sampler benchmark's model (
   (turns of at most 32 tokens, ending at a stop token drawn ~10% of the time per token), against iterations
   sampling the same number of tokens per row (the episodes' mean length, policy and observation tokens) as
   one turn without stop tokens: median seconds per iteration and its sampling part, the decode steps each
-  ran (a turn runs until its longest episode stops), and the roofline limit of the one-turn work.
+  ran (a turn runs until its longest episode stops), and the roofline limit of the one-turn work. Six
+  untimed iterations first compile the shapes later turns use (their row and length buckets vary).
 roofline: the f32 matmul roofline alone (--calls timed 2048 x 2048 matmuls, 50 by default), e.g. under
   `taskset`.
 train_step: one jitted GRPO update (forward + backward + AdamW) of a ~20M-parameter model on 8 prompts x
@@ -338,7 +339,8 @@ def bench_turns() -> None:
         **common))
     trainer = Trainer(Transformer(tiny_config(), nnx.Rngs(0)), multi, dataset, None, mesh=mesh,
                       episodes=EpisodeSampler(_ObservingEnv, tokenizer))
-    trainer.iteration()  # compile
+    for _ in range(6):  # compile: later turns' row and length buckets vary between iterations
+        trainer.iteration()
     multi_runs, lengths, steps = [], [], []
     for _ in range(_REPEATS.value):
         multi_runs.append(trainer.iteration())

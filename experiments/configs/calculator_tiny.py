@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
         sampling=dict(group_size=8, max_new_tokens=64, temperature=1.0, buckets=(32,)),
         rollout=dict(num_prompts=16),
         loss=dict(epsilon=0.2, epsilon_high=0.28, aggregation="token-mean", beta=0.0),
-        # At 6e-4 without warmup (the default task's rate) two of three runs collapsed within 5 steps: the
+        # At 6e-4 without warmup (the default task's rate) 2 of 3 runs collapsed within 5 steps: the
         # first rollouts hold ~1 right answer in 128 episodes, and Adam's first steps are full-size on that
         # noise (tool-call errors rose from 4% to 77% of episodes, then no group had signal). 2e-4 after 10
         # warmup steps learned on those seeds (README, "Multi-turn episodes").
