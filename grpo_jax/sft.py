@@ -87,11 +87,11 @@ def warm_start(
     trained model and a history of {"step", "loss"[, "eval"]} records. A target is a token list, or an
     `(ids, loss mask)` pair for a multi-turn demonstration (the loss on the policy's turns only).
     Examples are drawn from `dataset` in a seeded random order, and trained with Adam at `learning_rate`.
-    With `ema` > 0, the model evaluated and
-    returned is the exponential moving average of the params (Polyak averaging, `a <- ema * a + (1 - ema) *
-    params` after each step): a constant-rate Adam trajectory bounces (held-out accuracy can swing by 10
-    points between evaluations 25 steps apart), so a threshold checked on the raw params stops at a lucky
-    upswing that the next steps lose; the average moves slowly and crosses the threshold only for real.
+    With `ema` > 0, the model evaluated and returned is the exponential moving average of the params
+    (Polyak averaging, `a <- ema * a + (1 - ema) * params` after each step): a constant-rate Adam
+    trajectory bounces (held-out accuracy can swing by 10 points between evaluations 25 steps apart), so
+    a threshold checked on the raw params stops at a lucky upswing that the next steps lose; the average
+    moves slowly and crosses the threshold only for real.
 
     With `log_every`, prints a progress line every that many steps and at every evaluation
     ('warm start 150/2000 (7%) | 0.09 s/step | ETA 2m51s | loss 0.61 | eval 0.12'); the ETA is to `steps`,

@@ -58,6 +58,9 @@ class Trainer:
     `prompt_tokens` list); `reward_fn(examples, completions)` gets one example per completion row and the
     completion token lists, and returns rewards `[B]` or `(rewards [B], {metric name: value})`.
 
+    With `episodes` (a `multiturn.EpisodeSampler`, needed when cfg.env.max_turns > 1), every completion is a
+    multi-turn episode rewarded by its environment, and `reward_fn` may be None.
+
     `optimizer` (default: `make_optimizer(cfg.optimizer, ...)`) and `loss_fn` (default: `losses.policy_loss`
     with cfg.loss's options) may be any optax transformation and any function with policy_loss's signature.
     `mesh` lays out training (default: every device on "data"); `rollout_mesh`, when given, is where sampling
