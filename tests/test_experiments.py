@@ -194,8 +194,8 @@ def test_calculator_config_trains_on_tool_episodes_and_resumes(tmp_path):
     start = json.loads((tmp_path / "accuracy_at_grpo_start.json").read_text())
     assert set(start) == {"greedy_accuracy", "tool_call_rate"}
     assert json.loads((tmp_path / "accuracy.json").read_text())["examples"] == 4
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), command[2], command[3],
-                           "--config.rollout.num_prompts=4", "--num_examples=3", "--show=1"],
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "evaluate.py"), *command[2:],
+                           "--num_examples=3", "--show=1"],  # the training's config and overrides
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluating the checkpoint of step 2" in done.stdout and "tool_call_rate: " in done.stdout

@@ -348,3 +348,19 @@ def test_env_config_errors_name_the_path(fields, message):
 def test_a_multi_turn_config_needs_an_environment():
     with pytest.raises(ValueError, match="config.env.max_turns=3 needs an environment"):
         Trainer(model(), make_config(), examples(16), lambda e, c: np.zeros(len(c)))
+
+
+def test_an_episode_reward_fn_sees_the_turn_rewards_and_replaces_their_sum():
+    def last_turn_twice(examples, episodes):
+        assert len(examples) == len(episodes) == 8 and all("prompt_tokens" in e for e in examples)
+        return [2 * e.turn_rewards[-1] for e in episodes], {"first_turn_reward": [e.turn_rewards[0]
+                                                                                    for e in episodes]}
+
+    env = EnvConfig(max_turns=3, max_observation_tokens=12, observation_template=TEMPLATE)
+    _, rewards, metrics, episodes = EpisodeSampler(RandomEnv, TOKENIZER, last_turn_twice).sample(
+        model(), examples(2), jax.random.key(3), sampling(), env)
+    np.testing.assert_allclose(rewards, [2 * e.turn_rewards[-1] for e in episodes], rtol=1e-6)
+    assert metrics["first_turn_reward"] == [e.turn_rewards[0] for e in episodes]
+    with pytest.raises(ValueError, match=r"returned shape \(3,\); expected \(8,\)"):
+        EpisodeSampler(RandomEnv, TOKENIZER, lambda ex, ep: [0.0] * 3).sample(
+            model(), examples(2), jax.random.key(3), sampling(), env)
