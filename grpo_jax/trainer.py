@@ -194,6 +194,11 @@ class Trainer:
                       completion_mask=s.mask, sample_logprobs=s.logprobs, truncated=s.truncated)
         if s.sequence_mask is not None:  # multi-turn: the observations are read, not trained on
             arrays["sequence_mask"] = s.sequence_mask
+            # An episode's static width holds every turn at its longest; train on the width the longest
+            # episode of this batch needs (in steps of EPISODE_WIDTH_STEP tokens: a few compilations).
+            width = episode_width(sharding.to_host(s.sequence_mask))
+            for name in ("completion_tokens", "completion_mask", "sample_logprobs", "sequence_mask"):
+                arrays[name] = arrays[name][:, :width]
         arrays = {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
         arrays["rewards"] = sharding.put_global(rollout.rewards, sharding.batch_sharding(self.mesh, 1))
         return self.prepare(self.state, self.ref_params, arrays)
@@ -307,6 +312,18 @@ class Trainer:
         self.ref_params = state.get("ref_params")
         self.step, self.data_position = metadata["step"], metadata["data_position"]
         return True
+
+
+EPISODE_WIDTH_STEP = 32
+
+
+def episode_width(sequence_mask: np.ndarray) -> int:
+    """The completion width a multi-turn batch is trained at: its longest episode rounded up to a multiple of
+    EPISODE_WIDTH_STEP, at most the static width. The tokens cut are padding in every row; the loss, its
+    normalisation (Dr. GRPO's L is the static width) and the gradient are those of the whole width."""
+    longest = int(sequence_mask.sum(axis=1).max()) if sequence_mask.size else 0
+    step = EPISODE_WIDTH_STEP
+    return min(sequence_mask.shape[1], max(step, -(-longest // step) * step))
 
 
 class _Absent:

@@ -364,3 +364,27 @@ def test_an_episode_reward_fn_sees_the_turn_rewards_and_replaces_their_sum():
     with pytest.raises(ValueError, match=r"returned shape \(3,\); expected \(8,\)"):
         EpisodeSampler(RandomEnv, TOKENIZER, lambda ex, ep: [0.0] * 3).sample(
             model(), examples(2), jax.random.key(3), sampling(), env)
+
+
+def test_a_batch_of_short_episodes_trains_at_their_width_with_the_same_update():
+    from grpo_jax.trainer import episode_width
+
+    assert episode_width(np.zeros((2, 176), bool)) == 32
+    assert [episode_width(np.arange(176)[None] < n) for n in (1, 32, 33, 100, 170, 176)] == [
+        32, 32, 64, 128, 176, 176]
+    # Observations of at most 8 + 30 tokens in a budget of 64: no episode fills the static width of 152.
+    trainer = Trainer(model(), make_config(observation_tokens=64), examples(16), None,
+                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+    rollout = trainer.collect(jax.random.key(0))
+    batch = trainer.batch(rollout)
+    full_width = rollout.sample.tokens.shape[1]
+    assert batch["completion_tokens"].shape[1] < full_width  # the random episodes are short
+    # The same batch at the whole static width: the same loss and gradient.
+    padded = {k: (np.pad(np.asarray(v), ((0, 0), (0, full_width - v.shape[1])))
+                  if v.ndim == 2 and not k.startswith("prompt_") else v) for k, v in batch.items()}
+    _, short = trainer.train_step(jax.tree.map(lambda x: x.copy(), trainer.state), batch)
+    _, whole = trainer.train_step(jax.tree.map(lambda x: x.copy(), trainer.state), padded)
+    np.testing.assert_allclose(float(short["grad_norm"]), float(whole["grad_norm"]), rtol=1e-5)
+    assert float(whole["grad_norm"]) > 0
+    for name in ("loss", "rollout_kl"):  # both ~0 on-policy (the advantages of a group sum to 0)
+        assert abs(float(short[name]) - float(whole[name])) < 1e-6
