@@ -271,6 +271,8 @@ def make_episodes(config, tokenizer: Tokenizer, grpo: GRPOConfig) -> multiturn.E
     config.rewards (the same text rewards as single-turn completions); None without tools."""
     if not config.get("tools", ()):
         return None
+    # The observations' template and budget fit this tokenizer: checked before any model or warm start.
+    environments.Observations(tokenizer, grpo.env.observation_template, grpo.env.max_observation_tokens)
     tools = [environments.TOOLS[name] for name in config.tools]
     combined = rewards_lib.combine([(name, REWARDS[name], float(weight)) for name, weight in config.rewards])
 
@@ -398,6 +400,7 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
     max_prompt = min(config.max_prompt_tokens, max(buckets))
     dataset = TokenizedDataset(make_examples(config, "train"), tokenizer, make_template(config.template),
                                max_prompt_tokens=max_prompt)
+    episodes = make_episodes(config, tokenizer, grpo)  # checks the observations before any model is built
     warm_start = workdir is not None and config.warm_start.steps and model is None
     model = make_model(config, tokenizer) if model is None else model
     if resume is not None and grpo.lora.enabled and saves_base(config):
@@ -407,7 +410,6 @@ def build(config, *, workdir: pathlib.Path | None = None, model: Transformer | N
                          f"{grpo.sampling.max_new_tokens} (x config.env.max_turns={grpo.env.max_turns}, with "
                          f"their observations: {grpo.completion_tokens()} tokens) exceeds the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}.")
-    episodes = make_episodes(config, tokenizer, grpo)
     reward_fn = make_reward_fn(config, tokenizer)
     if warm_start:
         model = supervised_warm_start(config, model, dataset, tokenizer, grpo, workdir)

@@ -174,6 +174,11 @@ class Tool:
             return fn
         if not callable(fn) or not getattr(fn, "__name__", "").isidentifier():
             raise ValueError(f"a tool must be a named Python function, got {fn!r}")
+        try:
+            inspect.signature(fn)
+        except (TypeError, ValueError):
+            raise ValueError(f"the tool {fn.__name__} has no readable signature (a builtin?); wrap it in a "
+                             "Python function with named arguments.") from None
         return cls(fn, fn.__name__, inspect.getdoc(fn) or "")
 
 
@@ -182,7 +187,8 @@ def run_tool(tool: Tool, call: ToolCall, timeout: float) -> tuple[str, bool]:
 
     A call whose arguments do not fit the function's signature, a tool that raises, one still running
     after `timeout` (its thread is left to finish on its own: Python cannot stop it), and one returning
-    anything but text or a number give `("error: ...", True)`.
+    anything but text or a number give `("error: ...", True)`. The timeout cannot interrupt a tool that
+    holds the interpreter lock inside one C call (e.g. a huge integer power): bound such work in the tool.
     """
     try:
         inspect.signature(tool.fn).bind(*call.args, **call.kwargs)
@@ -192,7 +198,10 @@ def run_tool(tool: Tool, call: ToolCall, timeout: float) -> tuple[str, bool]:
 
     def target():
         try:
-            outcome["value"] = tool.fn(*call.args, **call.kwargs)
+            value = tool.fn(*call.args, **call.kwargs)
+            outcome["value"] = value
+            if isinstance(value, int | Fraction) and not isinstance(value, bool):
+                outcome["text"] = str(value)  # here: a number too long for str() is a tool error
         except BaseException as error:  # noqa: BLE001 - the user's tool: any failure is an observation
             outcome["error"] = error
 
@@ -210,7 +219,7 @@ def run_tool(tool: Tool, call: ToolCall, timeout: float) -> tuple[str, bool]:
         return f"error: {tool.name} returned {type(value).__name__}, not text or a number", True
     if isinstance(value, float) and not math.isfinite(value):
         return f"error: {tool.name} returned {value}", True
-    text = value if isinstance(value, str) else str(value)
+    text = outcome.get("text", value if isinstance(value, str) else str(value))
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -256,7 +265,8 @@ class ToolEnv:
     A turn with a tool call (`parse_tool_call` in `tool_format`) gets the tool's result, or an error
     message, as the next observation, reward 0. A turn without a call is the final answer: the episode
     ends with reward `answer_reward(example, text)` (default: `exact_answer`). `metrics()`: tool_calls,
-    tool_errors and accuracy (the final answer's reward; 0 when the episode ran out of turns first).
+    tool_errors and accuracy (`exact_answer` of the final answer when the example has an "answer", else
+    its reward; 0 when the episode ran out of turns first).
     """
 
     def __init__(self, tools: Sequence[Callable[..., Any] | Tool], *, tool_format: str = "json",
@@ -281,8 +291,10 @@ class ToolEnv:
             self.tool_errors += 1
             return f"error: {error}", 0.0, False
         if call is None:
-            self.accuracy = float(self.answer_reward(self.example, completion))
-            return None, self.accuracy, True
+            reward = float(self.answer_reward(self.example, completion))
+            # accuracy is the exact answer's, whatever answer_reward weighs in (formats, several rewards)
+            self.accuracy = (exact_answer(self.example, completion) if "answer" in self.example else reward)
+            return None, reward, True
         self.tool_calls += 1
         tool = self.tools.get(call.name)
         if tool is None:

@@ -138,8 +138,10 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
         round_examples = next_examples(n)
         round_key = jax.random.fold_in(key, jax.device_put(np.uint32(round_index)))
         if episodes is not None:  # the environments reward the episodes while they are sampled
-            out, rewards, metrics, _ = episodes.sample(model, round_examples, round_key, sampling,
-                                                       env or EnvConfig(), mesh=mesh)
+            if env is None:
+                raise ValueError("collect(episodes=...) needs env=, the run's config.env.")
+            out, rewards, metrics, _ = episodes.sample(model, round_examples, round_key, sampling, env,
+                                                       mesh=mesh)
             tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
             time_sampling += time.perf_counter() - start
             start = time.perf_counter()
@@ -180,8 +182,9 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
         lengths = np.where(truncated, sampling.max_new_tokens + 1, mask.sum(axis=1))
         rewards = task_rewards + cfg.overlong_penalty * overlong_penalty(
             lengths, sampling.max_new_tokens, cfg.overlong_buffer)
-    reward_metrics = {k: float(np.mean(np.concatenate([h["per_row"][k] for h in host])[rows]))
-                      for k in host[0]["per_row"]}
+    names = sorted({k for h in host for k in h["per_row"]})  # a round may lack a metric: 0 there
+    reward_metrics = {k: float(np.mean(np.concatenate([h["per_row"].get(k, np.zeros(len(h["rewards"])))
+                                                       for h in host])[rows])) for k in names}
     return Rollout(examples=[examples[i] for i in chosen], sample=selected, tokens=tokens, mask=mask,
                    truncated=truncated, rewards=rewards, task_rewards=task_rewards,
                    reward_metrics={**reward_metrics, **call_metrics}, resample_rounds=len(samples) - 1,

@@ -42,6 +42,7 @@ from grpo_jax import sharding
 from grpo_jax import update as update_lib
 from grpo_jax.checkpoint import Checkpointer
 from grpo_jax.config import GRPOConfig, flatten
+from grpo_jax.environments import Observations
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.multiturn import EpisodeSampler
@@ -84,6 +85,8 @@ class Trainer:
         if reward_fn is None and episodes is None:
             raise ValueError("Trainer needs reward_fn (single-turn completions) or episodes= (multi-turn "
                              "episodes rewarded by their environments).")
+        if episodes is not None:  # the observations' template and budget, checked before any work
+            Observations(episodes.tokenizer, cfg.env.observation_template, cfg.env.max_observation_tokens)
         self.cfg, self.dataset, self.reward_fn, self.episodes = cfg, dataset, reward_fn, episodes
         self.fingerprint = {**flatten(json.loads(json.dumps(dataclasses.asdict(model.config))), "model"),
                             **({"data": dataset.fingerprint()} if hasattr(dataset, "fingerprint") else {}),

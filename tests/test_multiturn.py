@@ -1,6 +1,7 @@
 """Multi-turn episodes: the loss mask, token in / token out, the rollout/training mismatch across turns,
 tools that fail, and the config's checks."""
 
+import itertools
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from grpo_jax.environments import (
     ToolCallError,
     ToolEnv,
     calculator,
+    exact_answer,
     format_tool_call,
     parse_tool_call,
     run_tool,
@@ -56,13 +58,14 @@ def examples(n, seed=0):
 
 
 class RandomEnv:
-    """Observations of random length and content; each turn ends the episode with probability 1/3."""
+    """Observations of random length and content; each turn ends the episode with probability 1/3. The
+    n-th environment of a sampler (`random_envs()`) draws from seed n, whatever ran before."""
 
-    count = 0
+    def __init__(self, seed):
+        self.seed = seed
 
     def reset(self, example):
-        RandomEnv.count += 1
-        self.rng = np.random.default_rng(RandomEnv.count)
+        self.rng = np.random.default_rng(self.seed)
 
     def step(self, text):
         done = self.rng.random() < 1 / 3
@@ -70,10 +73,16 @@ class RandomEnv:
         return observation, float(len(text)) / 10, done
 
 
+def random_envs():
+    """A factory of RandomEnvs numbered 1, 2, ... in the order the sampler makes them."""
+    counter = itertools.count(1)
+    return lambda: RandomEnv(next(counter))
+
+
 def test_the_loss_mask_is_exactly_the_policy_tokens_and_the_observations_are_read():
     env = EnvConfig(max_turns=4, max_observation_tokens=12, observation_template=TEMPLATE)
     observe = Observations(TOKENIZER, TEMPLATE, 12)
-    out, rewards, _, episodes = EpisodeSampler(RandomEnv, TOKENIZER).sample(
+    out, rewards, _, episodes = EpisodeSampler(random_envs(), TOKENIZER).sample(
         model(), examples(6), jax.random.key(1), sampling(), env)
     tokens, mask, seq = (np.asarray(x) for x in (out.tokens, out.mask, out.sequence_mask))
     assert tokens.shape == (24, env.episode_tokens(8)) == (24, 4 * 8 + 3 * 12)
@@ -156,7 +165,7 @@ def make_config(max_turns=3, observation_tokens=10, **fields):
 
 def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
     trainer = Trainer(model(), make_config(), examples(16), None,
-                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+                      episodes=EpisodeSampler(random_envs(), TOKENIZER))
     metrics = [trainer.iteration() for _ in range(2)]
     assert max(m["reward/turns"] for m in metrics) > 1.5
     for m in metrics:
@@ -169,16 +178,25 @@ def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
 
 
 def test_observation_tokens_get_no_gradient():
-    trainer = Trainer(model(), make_config(), examples(16), None,
-                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+    # With the TIS correction the sampler's log-probs weight every token of the loss: changing them on the
+    # observation tokens changes nothing; on the policy's tokens it changes the gradient.
+    trainer = Trainer(model(), make_config(loss=dict(rollout_correction="tis", correction_cap=1.5)),
+                      examples(16), None, episodes=EpisodeSampler(random_envs(), TOKENIZER))
     batch = trainer.batch(trainer.collect(jax.random.key(0)))
     observation = np.asarray(batch["sequence_mask"] & ~batch["completion_mask"])
-    assert observation.any()
-    # Changing the sampler's log-probs on observation tokens (which the loss never reads) changes nothing.
-    changed = dict(batch, sample_logprobs=np.where(observation, -5.0, np.asarray(batch["sample_logprobs"])))
-    _, a = trainer.train_step(jax.tree.map(lambda x: x.copy(), trainer.state), batch)
-    _, b = trainer.train_step(jax.tree.map(lambda x: x.copy(), trainer.state), changed)
-    assert float(a["loss"]) == float(b["loss"]) and float(a["grad_norm"]) == float(b["grad_norm"])
+    policy = np.asarray(batch["completion_mask"])
+    assert observation.any() and policy.any()
+
+    def step(changed_where):
+        logprobs = np.where(changed_where, -5.0, np.asarray(batch["sample_logprobs"]))
+        _, metrics = trainer.train_step(jax.tree.map(lambda x: x.copy(), trainer.state),
+                                        dict(batch, sample_logprobs=logprobs))
+        return float(metrics["grad_norm"])
+
+    unchanged = step(np.zeros_like(policy))
+    assert unchanged > 0
+    assert step(observation) == unchanged
+    assert abs(step(policy) - unchanged) > 1e-3 * unchanged
 
 
 # -- tools ------------------------------------------------------------------------------------------------
@@ -357,12 +375,12 @@ def test_an_episode_reward_fn_sees_the_turn_rewards_and_replaces_their_sum():
                                                                                     for e in episodes]}
 
     env = EnvConfig(max_turns=3, max_observation_tokens=12, observation_template=TEMPLATE)
-    _, rewards, metrics, episodes = EpisodeSampler(RandomEnv, TOKENIZER, last_turn_twice).sample(
+    _, rewards, metrics, episodes = EpisodeSampler(random_envs(), TOKENIZER, last_turn_twice).sample(
         model(), examples(2), jax.random.key(3), sampling(), env)
     np.testing.assert_allclose(rewards, [2 * e.turn_rewards[-1] for e in episodes], rtol=1e-6)
     assert metrics["first_turn_reward"] == [e.turn_rewards[0] for e in episodes]
     with pytest.raises(ValueError, match=r"returned shape \(3,\); expected \(8,\)"):
-        EpisodeSampler(RandomEnv, TOKENIZER, lambda ex, ep: [0.0] * 3).sample(
+        EpisodeSampler(random_envs(), TOKENIZER, lambda ex, ep: [0.0] * 3).sample(
             model(), examples(2), jax.random.key(3), sampling(), env)
 
 
@@ -374,11 +392,14 @@ def test_a_batch_of_short_episodes_trains_at_their_width_with_the_same_update():
         32, 32, 64, 128, 176, 176]
     # Observations of at most 8 + 30 tokens in a budget of 64: no episode fills the static width of 152.
     trainer = Trainer(model(), make_config(observation_tokens=64), examples(16), None,
-                      episodes=EpisodeSampler(RandomEnv, TOKENIZER))
+                      episodes=EpisodeSampler(random_envs(), TOKENIZER))
     rollout = trainer.collect(jax.random.key(0))
     batch = trainer.batch(rollout)
     full_width = rollout.sample.tokens.shape[1]
     assert batch["completion_tokens"].shape[1] < full_width  # the random episodes are short
+    width = batch["completion_tokens"].shape[1]
+    assert not np.asarray(rollout.sample.sequence_mask)[:, width:].any()  # only padding was cut
+    assert np.asarray(rollout.sample.sequence_mask)[:, width - 32:].any()  # the longest episode fills it
     # The same batch at the whole static width: the same loss and gradient.
     padded = {k: (np.pad(np.asarray(v), ((0, 0), (0, full_width - v.shape[1])))
                   if v.ndim == 2 and not k.startswith("prompt_") else v) for k, v in batch.items()}
@@ -388,3 +409,24 @@ def test_a_batch_of_short_episodes_trains_at_their_width_with_the_same_update():
     assert float(whole["grad_norm"]) > 0
     for name in ("loss", "rollout_kl"):  # both ~0 on-policy (the advantages of a group sum to 0)
         assert abs(float(short[name]) - float(whole[name])) < 1e-6
+
+
+def huge(x: str) -> int:
+    return 10**5000  # str() of it raises ValueError (Python's digit limit)
+
+
+def test_a_tool_whose_result_cannot_be_printed_and_a_builtin_tool():
+    env = ToolEnv([huge], tool_format="pythonic")
+    env.reset({"answer": "1"})
+    observation, reward, done = env.step("<tool_call>huge('x')</tool_call>")
+    assert observation.startswith("error: huge raised ValueError") and not done
+    with pytest.raises(ValueError, match="the tool max has no readable signature"):
+        ToolEnv([max])
+
+
+def test_tool_env_accuracy_is_the_exact_answer_and_its_reward_the_answer_reward():
+    env = ToolEnv([calculator], answer_reward=lambda example, text: 0.5 + exact_answer(example, text))
+    env.reset({"answer": "6"})
+    assert env.step("6") == (None, 1.5, True) and env.metrics()["accuracy"] == 1.0
+    env.reset({"answer": "6"})
+    assert env.step("7") == (None, 0.5, True) and env.metrics()["accuracy"] == 0.0
