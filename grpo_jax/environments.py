@@ -293,7 +293,10 @@ class ToolEnv:
         if call is None:
             reward = float(self.answer_reward(self.example, completion))
             # accuracy is the exact answer's, whatever answer_reward weighs in (formats, several rewards)
-            self.accuracy = (exact_answer(self.example, completion) if "answer" in self.example else reward)
+            try:
+                self.accuracy = exact_answer(self.example, completion) if "answer" in self.example else reward
+            except ValueError:  # a reference without a number (a text answer): its reward is its accuracy
+                self.accuracy = reward
             return None, reward, True
         self.tool_calls += 1
         tool = self.tools.get(call.name)

@@ -430,3 +430,6 @@ def test_tool_env_accuracy_is_the_exact_answer_and_its_reward_the_answer_reward(
     assert env.step("6") == (None, 1.5, True) and env.metrics()["accuracy"] == 1.0
     env.reset({"answer": "6"})
     assert env.step("7") == (None, 0.5, True) and env.metrics()["accuracy"] == 0.0
+    text_env = ToolEnv([calculator], answer_reward=lambda example, text: float(text == example["answer"]))
+    text_env.reset({"answer": "Paris"})  # no number to compare exactly: the reward is the accuracy
+    assert text_env.step("Paris") == (None, 1.0, True) and text_env.metrics()["accuracy"] == 1.0
