@@ -380,16 +380,9 @@ def bench_turns() -> None:
 
 def _turn_lengths(policy: np.ndarray, sequence: np.ndarray) -> list[int]:
     """The lengths of the runs of policy tokens in one episode's row (its turns)."""
-    lengths, run = [], 0
-    for is_policy, is_read in zip(policy, sequence, strict=True):
-        if is_policy:
-            run += 1
-        elif run:
-            lengths.append(run)
-            run = 0
-        if not is_read:
-            break
-    return lengths + ([run] if run else [])
+    policy = policy[:int(sequence.sum())].astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], policy, [0]])))  # starts and ends of the runs
+    return (edges[1::2] - edges[0::2]).tolist()
 
 
 def bench_train_step() -> None:

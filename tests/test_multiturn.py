@@ -119,7 +119,7 @@ class LowercasingTokenizer(CharTokenizer):
 
 class AlwaysContinue:
     def reset(self, example):
-        pass
+        return None  # no opening observation, no state
 
     def step(self, text):
         return "OK", 0.0, False
