@@ -25,6 +25,7 @@ setup(
         "jinja2>=3.1",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "safetensors>=0.4.1",  # numpy reader and writer; 0.4.1 is the first to read BF16 into numpy
         "gguf>=0.10",  # llama.cpp's GGUF reader, writer and (de)quantizers (numpy)
     ],
     extras_require={

@@ -1,27 +1,27 @@
 """Hugging Face checkpoints in and out: `config.json` <-> `ModelConfig`, `*.safetensors` <-> parameters.
 
-No torch: safetensors files are read through `numpy.memmap`, one tensor at a time, straight into the
-parameter it belongs to, so a checkpoint never exists twice in host memory. Each file's header is checked
-against the file first (dtypes, shapes, byte offsets, file length), so a truncated or corrupt file raises a
-ValueError naming the file and tensor instead of loading garbage. Sharded checkpoints are
-followed through `model.safetensors.index.json`. Supported: LlamaForCausalLM, Qwen2ForCausalLM,
+No torch: safetensors files are read with the safetensors package's numpy framework, one tensor at a time,
+straight into the parameter it belongs to, so a checkpoint never exists twice in host memory. Each file's
+header is checked against the file first (dtypes, shapes, byte offsets, file length), so a truncated or
+corrupt file raises a ValueError naming the file and tensor instead of loading garbage. Sharded checkpoints
+are followed through `model.safetensors.index.json`. Supported: LlamaForCausalLM, Qwen2ForCausalLM,
 Qwen3ForCausalLM (config.json in the transformers 4.x or 5.x layout).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import pathlib
-import struct
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from grpo_jax.models.config import ModelConfig, RopeScaling
@@ -35,12 +35,6 @@ HF_PROJECTIONS = {("attn", "q"): "self_attn.q_proj", ("attn", "k"): "self_attn.k
                   ("mlp", "down"): "mlp.down_proj"}
 _REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                          "num_attention_heads")
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -124,17 +118,19 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 # ----------------------------------------------------------------------------- safetensors
 
+# Files are read and written by the safetensors package (numpy framework), one tensor in memory at a time.
+# Each file's header is checked here as well before the package opens it: the package rejects most corrupt
+# files too, but with errors ("incomplete metadata, file not fully covered") that name neither the tensor nor
+# the offending values, and it lets through what grpo_jax cannot load: duplicate header keys (the last one
+# wins) and dtypes outside _ST_DTYPES (F8_*, U16, C64, ...). BF16 reads as ml_dtypes.bfloat16, hence the
+# safetensors>=0.4.1 requirement (0.4.0's numpy framework fails on BF16).
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
 _REEXPORT = "the file is truncated or corrupt; re-download or re-export the checkpoint"
-
-
-@dataclasses.dataclass(frozen=True)
-class _TensorEntry:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    begin: int  # byte offsets into the data section, which starts right after the header
-    end: int
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -145,8 +141,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def _tensor_entry(path: pathlib.Path, name: str, info: object) -> _TensorEntry:
-    """One header entry checked on its own: fields present, dtype supported, shape and offsets integers."""
+def _tensor_entry(path: pathlib.Path, name: str, info: object) -> tuple[str, str, list[int], int, int]:
+    """One header entry checked on its own -> (name, dtype, shape, begin, end)."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict):
         raise ValueError(f"{where}: header entry is {type(info).__name__} {info!r:.80}, expected an object "
@@ -168,17 +164,17 @@ def _tensor_entry(path: pathlib.Path, name: str, info: object) -> _TensorEntry:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))):
         raise ValueError(f"{where}: data_offsets {offsets!r:.80} is not [begin, end] with non-negative "
                          f"integers; {_REEXPORT}.")
-    return _TensorEntry(name, np.dtype(_ST_DTYPES[dtype_name]), tuple(shape), offsets[0], offsets[1])
+    return name, dtype_name, shape, offsets[0], offsets[1]
 
 
-def _read_header(path: pathlib.Path) -> tuple[list[_TensorEntry], int]:
-    """The tensors of one safetensors file, each checked against the file, and where its data starts.
+def _check_header(path: pathlib.Path) -> list[str]:
+    """The tensor names of one safetensors file, in header order, once its header is checked against the file.
 
     Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON `{name: {"dtype", "shape",
     "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data section. Every entry must have a
-    supported dtype, `end - begin == prod(shape) * itemsize`, and the entries must tile the data section
-    exactly (no overlap, no gap, nothing past its end), as the format requires. Raises ValueError naming
-    the file (and tensor) before any tensor is read, so a corrupt file never loads as garbage.
+    dtype of `_ST_DTYPES`, `end - begin == prod(shape) * itemsize`, and the entries must tile the data section
+    exactly (no overlap, no gap, nothing past its end), as the format requires. Raises ValueError naming the
+    file, the tensor and the value before any tensor is read.
     """
     file_size = path.stat().st_size
     with open(path, "rb") as f:
@@ -186,7 +182,7 @@ def _read_header(path: pathlib.Path) -> tuple[list[_TensorEntry], int]:
         if len(prefix) < 8:
             raise ValueError(f"{path}: {file_size} bytes, shorter than the 8-byte header length of a "
                              f"safetensors file; {_REEXPORT}.")
-        (size,) = struct.unpack("<Q", prefix)
+        size = int.from_bytes(prefix, "little")
         if size > file_size - 8:
             raise ValueError(f"{path}: the header length field says {size} bytes, but the file has only "
                              f"{file_size - 8} bytes after it; {_REEXPORT}.")
@@ -207,32 +203,29 @@ def _read_header(path: pathlib.Path) -> tuple[list[_TensorEntry], int]:
                          f"object; {_REEXPORT}.")
     entries = [_tensor_entry(path, name, info) for name, info in header.items()]
     data_size = file_size - 8 - size
-    for entry in entries:
-        nbytes = math.prod(entry.shape) * entry.dtype.itemsize
-        where = f"{path}: tensor {entry.name!r} ({_ST_NAMES[entry.dtype]}, shape {list(entry.shape)})"
-        if entry.begin > entry.end:
-            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] end before they begin; "
+    for name, dtype_name, shape, begin, end in entries:
+        nbytes = math.prod(shape) * np.dtype(_ST_DTYPES[dtype_name]).itemsize
+        where = f"{path}: tensor {name!r} ({dtype_name}, shape {shape}): data_offsets [{begin}, {end}]"
+        if begin > end:
+            raise ValueError(f"{where} end before they begin; {_REEXPORT}.")
+        if end - begin != nbytes:
+            raise ValueError(f"{where} hold {end - begin} bytes, but the dtype and shape need {nbytes}; "
                              f"{_REEXPORT}.")
-        if entry.end - entry.begin != nbytes:
-            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] hold "
-                             f"{entry.end - entry.begin} bytes, but the dtype and shape need {nbytes}; "
+        if end > data_size:
+            raise ValueError(f"{where} run past the end of the data section ({data_size} bytes); "
                              f"{_REEXPORT}.")
-        if entry.end > data_size:
-            raise ValueError(f"{where}: data_offsets [{entry.begin}, {entry.end}] run past the end of the "
-                             f"data section ({data_size} bytes); {_REEXPORT}.")
     position, previous = 0, None  # the data section must be covered exactly once, in offset order
-    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
-        if entry.begin != position:
-            what = (f"overlap tensor {previous.name!r} at [{previous.begin}, {previous.end}]"
-                    if entry.begin < position else
-                    f"leave bytes [{position}, {entry.begin}] of the data section to no tensor")
-            raise ValueError(f"{path}: tensor {entry.name!r}: data_offsets [{entry.begin}, {entry.end}] "
-                             f"{what}; {_REEXPORT}.")
-        position, previous = entry.end, entry
+    for entry in sorted(entries, key=lambda e: (e[3], e[4])):
+        name, _, _, begin, end = entry
+        if begin != position:
+            what = (f"overlap tensor {previous[0]!r} at [{previous[3]}, {previous[4]}]" if begin < position
+                    else f"leave bytes [{position}, {begin}] of the data section to no tensor")
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets [{begin}, {end}] {what}; {_REEXPORT}.")
+        position, previous = end, entry
     if position != data_size:
         raise ValueError(f"{path}: the data section has {data_size} bytes but its tensors cover only "
                          f"{position}; {_REEXPORT}.")
-    return entries, 8 + size
+    return [entry[0] for entry in entries]
 
 
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -258,41 +251,35 @@ def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
 
 
 def iter_safetensors(directory: str | pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, memory-mapped array) for every tensor of a (possibly sharded) checkpoint directory.
+    """(name, array) for every tensor of a (possibly sharded) checkpoint directory, read one at a time.
 
-    Each file's header is validated against the file (see `_read_header`) before any of its tensors is
+    Each file's header is checked against the file (see `_check_header`) before any of its tensors is
     yielded; a truncated or corrupt file raises ValueError naming the file and the tensor.
     """
     for path in _safetensors_files(pathlib.Path(directory)):
-        entries, data_start = _read_header(path)
-        for entry in entries:
-            if entry.begin == entry.end:  # nothing to map
-                yield entry.name, np.zeros(entry.shape, entry.dtype)
-                continue
-            count = (entry.end - entry.begin) // entry.dtype.itemsize
-            array = np.memmap(path, entry.dtype, "r", data_start + entry.begin, (count,))
-            yield entry.name, array.reshape(entry.shape)
+        names = _check_header(path)
+        try:
+            with safetensors.safe_open(path, framework="np") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+        except safetensors.SafetensorError as e:  # what _check_header lets through (non-string __metadata__)
+            raise ValueError(f"{path}: the safetensors package cannot read it ({e}); {_REEXPORT}.") from e
 
 
-def write_safetensors(path: str | pathlib.Path, tensors: dict[str, np.ndarray], metadata: dict | None = None):
+def write_safetensors(path: str | pathlib.Path, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None):
     """Write `tensors` (numpy arrays of a dtype in `_ST_DTYPES`) to one safetensors file."""
-    header, offset = {}, 0
     for name, array in tensors.items():
         if array.dtype not in _ST_NAMES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {array.dtype}, which safetensors files of "
                              f"grpo_jax cannot hold; cast it to one of {sorted(map(str, _ST_NAMES))}.")
-        header[name] = dict(dtype=_ST_NAMES[array.dtype], shape=list(array.shape),
-                            data_offsets=[offset, offset + array.nbytes])
-        offset += array.nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # align the data to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+    # The package writes each array's memory as it lies, so strided views are made C-contiguous first.
+    contiguous = {name: np.asarray(array, order="C") for name, array in tensors.items()}
+    try:
+        safetensors.numpy.save_file(contiguous, path, metadata)
+    except safetensors.SafetensorError as e:  # e.g. a missing directory or a full disk
+        raise OSError(f"{path}: could not write the safetensors file ({e}); check that its directory "
+                      "exists, is writable and has room.") from e
 
 
 # ----------------------------------------------------------------------------- parameters
