@@ -36,7 +36,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from grpo_jax import profiling
@@ -150,10 +149,6 @@ def bench_sampler() -> None:
               f"{peer['median'] / seconds:.2f}x faster; its peak host memory {peer['peak_mib']:.0f} MiB")
 
 
-def constant_reward(examples, completions):
-    return np.asarray([len(c) % 3 for c in completions], np.float32)  # cheap, varied within groups
-
-
 def bench_iteration() -> None:
     _, roofline, model, texts, prompts = load(4)
     group, new_tokens = 8, 64
@@ -164,7 +159,8 @@ def bench_iteration() -> None:
                           buckets=(len(prompts[0]),)),
             rollout=dict(num_prompts=len(prompts), pipeline=pipeline), loss=dict(beta=0.0),
             optimizer=dict(learning_rate=1e-6), updates=dict(grad_accum_steps=len(prompts))))
-        trainer = Trainer(model, cfg, [{"prompt_tokens": p} for p in prompts], constant_reward)
+        trainer = Trainer(model, cfg, [{"prompt_tokens": p} for p in prompts], profiling.bench_reward,
+                          time_stages=True)
         runs = []
         for _ in range(1 + _REPEATS.value):
             start = time.perf_counter()
@@ -217,12 +213,8 @@ def bench_iteration() -> None:
 def bench_first_call() -> None:
     _, _, model, _, prompts = load(8)
     cfg = SamplingConfig(max_new_tokens=128, group_size=8, temperature=1.0, buckets=(len(prompts[0]),))
-    start = time.perf_counter()
-    jax.block_until_ready(sample(model, prompts, jax.random.key(0), cfg).tokens)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(sample(model, prompts, jax.random.key(1), cfg).tokens)
-    print(json.dumps({"first": first, "second": time.perf_counter() - start}))
+    first, (second,) = profiling.time_calls(lambda key: sample(model, prompts, key, cfg).tokens, 1)
+    print(json.dumps({"first": first, "second": second}))
 
 
 def bench_compile() -> None:

@@ -24,22 +24,24 @@ from __future__ import annotations
 import json
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from ml_collections import config_flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_grpo  # noqa: E402  (the experiment's own builders: task, rewards, warm start, evaluation)
+from grpo_jax import experiment
+from grpo_jax.update import compiled_memory
 
-from grpo_jax.update import compiled_memory  # noqa: E402
-
-# --config (the ml_collections file, any field overridable) and --workdir are train_grpo.py's own flags.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment's config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the comparison's files go.", required=True)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed), each with its own warm start.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "Held-out evaluation every this many iterations.")
+_ALGOS = flags.DEFINE_list("algos", ["grpo", "ppo"], "The algorithms to run (config.algo values), "
+                            "each from the same warm start per seed.")
 _TARGET = flags.DEFINE_float("target", 0.8, "Held-out greedy accuracy for the time-to-accuracy columns.")
 ALGOS = ("grpo", "ppo")
 
@@ -50,12 +52,12 @@ def run_algo(config, model, seed: int, algo: str, workdir: pathlib.Path, print_f
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.algo = algo
-    trainer = train_grpo.build(config, model=model)
+    trainer = experiment.build(config, model=model)
     tokenizer = trainer.dataset.tokenizer
     completions_per_step = trainer.cfg.rollout.num_prompts * trainer.cfg.sampling.group_size
 
     def accuracy():
-        return train_grpo.held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
+        return experiment.held_out_accuracy(config, trainer.policy(), tokenizer, trainer.cfg)
 
     curve = [dict(step=0, completions=0, seconds=0.0, accuracy=accuracy())]
     step_seconds, trained = [], 0.0
@@ -138,23 +140,26 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    config = flags.FLAGS.config
-    workdir = pathlib.Path(flags.FLAGS.workdir)
+    config = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in _SEEDS.value]
-    for algo in ALGOS:  # every config error (either algorithm's) before the first warm start
+    algos = _ALGOS.value
+    if not algos or set(algos) - set(ALGOS):
+        raise app.UsageError(f"--algos={','.join(algos)}: each must be one of {ALGOS}.")
+    for algo in algos:  # every config error (either algorithm's) before the first warm start
         checked = config.copy_and_resolve_references()
         with checked.unlocked():
             checked.algo = algo
-        train_grpo.build(checked)
+        experiment.build(checked)
     rows = []
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
         with seeded.unlocked():
             seeded.seed = seed
-        warm = train_grpo.build(seeded, workdir=workdir / f"seed{seed}").policy()
+        warm = experiment.build(seeded, workdir=workdir / f"seed{seed}").policy()
         graphdef, params = nnx.split(warm)
-        for algo in ALGOS:
+        for algo in algos:
             model = nnx.merge(graphdef, jax.tree.map(np.asarray, params))  # the same start, a fresh copy
             rows.append(run_algo(seeded, model, seed, algo, workdir,
                                  print_fn=lambda line: print(line, flush=True)))

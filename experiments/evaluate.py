@@ -20,22 +20,15 @@ import pathlib
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-# Importing the training script defines --config and --workdir: evaluation reads the same two flags.
-from train_grpo import (
-    grpo_config,
-    load_run,
-    make_episodes,
-    make_examples,
-    make_model,
-    make_template,
-    make_tokenizer,
-)
-
-from grpo_jax import lora, multiturn, rewards
+from grpo_jax import experiment, lora, multiturn, rewards
 from grpo_jax.data import TokenizedDataset
 from grpo_jax.evaluation import evaluate, greedy_completions
 
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (and its overrides).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
 _SPLIT = flags.DEFINE_string("split", "test", "Split of config.task to evaluate on.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 200, "The first this many examples of the split.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Samples per prompt for pass@k and maj@k.")
@@ -49,28 +42,28 @@ _SHOW = flags.DEFINE_integer("show", 0, "Print the greedy completions of the spl
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
-    config, workdir = flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir)
-    tokenizer = make_tokenizer(config)
-    grpo = grpo_config(config, tokenizer)  # the run's config, checked before the model is built
+    config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    tokenizer = experiment.make_tokenizer(config)
+    grpo = experiment.grpo_config(config, tokenizer)  # the run's config, checked before the model is built
     checkpoints, step = workdir / "checkpoints", 0
     if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
-        model, adapters, step, _ = load_run(config, workdir)
+        model, adapters, step, _ = experiment.load_run(config, workdir)
         if adapters is not None:
             model = lora.merged(model, adapters, grpo.lora)
     else:
-        model = make_model(config, tokenizer)
+        model = experiment.make_model(config, tokenizer)
     if step:
         print(f"evaluating the checkpoint of step {step} in {checkpoints}")
     else:
         source = config.checkpoint or "random initialisation"
         print(f"no checkpoint in {checkpoints}: evaluating the untrained model ({source})")
 
-    examples = make_examples(config, _SPLIT.value)
+    examples = experiment.make_examples(config, _SPLIT.value)
     examples = [examples[i] for i in range(min(_NUM_EXAMPLES.value, len(examples)))]
     buckets = grpo.sampling.buckets
-    dataset = TokenizedDataset(examples, tokenizer, make_template(config.template),
+    dataset = TokenizedDataset(examples, tokenizer, experiment.make_template(config.template),
                                max_prompt_tokens=min(config.max_prompt_tokens, max(buckets)))
-    episodes = make_episodes(config, tokenizer, grpo)
+    episodes = experiment.make_episodes(config, tokenizer, grpo)
     if episodes is not None:
         evaluate_episodes(model, dataset, episodes, grpo, workdir, step)
         return

@@ -17,8 +17,8 @@ Prints (and writes to `<workdir>/robustness.md` and `.json`) one row per run: wa
 held-out accuracy, held-out greedy accuracy when GRPO starts and at the end, the lift, the wall time, the
 CPU time (user + system of that process alone, which a virtual machine's stolen time does not inflate) and
 the f32 matmul roofline (the mean of one measurement right before and one right after the run, under the
-run's own settings, `benchmark.py --bench=roofline`: on a shared machine the speed drifts); then the median
-and minimum of lift and wall time, the CPU model and each mode's roofline before and after all runs.
+run's own settings, `experiments/benchmarks/roofline.py`: on a shared machine the speed drifts); then the
+median and minimum of lift and wall time, the CPU model and each mode's roofline before and after all runs.
 
 `--parallel=2` runs one_core jobs two at a time, each pinned to its own core (the other modes always run
 alone, so their wall times are those of a machine doing nothing else).
@@ -71,7 +71,7 @@ def mode_command(mode: str, core: int) -> tuple[list[str], dict[str, str]]:
 def roofline(mode: str, core: int = 0) -> float:
     """Median GFLOP/s of a 2048 x 2048 f32 matmul in a fresh process under `mode`'s settings."""
     prefix, env = mode_command(mode, core)
-    command = [*prefix, sys.executable, str(ROOT / "experiments" / "benchmark.py"), "--bench=roofline",
+    command = [*prefix, sys.executable, str(ROOT / "experiments" / "benchmarks" / "roofline.py"),
                f"--calls={_ROOFLINE_CALLS.value}"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return float(re.search(r"([\d.]+) GFLOP/s median", done.stdout).group(1))

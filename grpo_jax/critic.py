@@ -48,15 +48,17 @@ class PPOConfig:
         ])
 
 
-def init_critic(policy_params: nnx.State, policy_shardings, mesh: Mesh, hidden_size: int
-                ) -> tuple[dict, dict]:
-    """The value model's params, a copy of the policy's and a zero scalar head `hidden @ w + b`, laid out like
-    the policy (the head replicated); and their shardings."""
+def init_critic(policy_params: nnx.State, hidden_size: int) -> dict:
+    """The value model's params: a copy of the policy's and a zero scalar head `hidden @ w + b` (pure; the
+    copy is a buffer of its own also in jit, where the policy's may be donated)."""
     head = {"kernel": jnp.zeros((hidden_size,), jnp.float32), "bias": jnp.zeros((), jnp.float32)}
-    shardings = {"backbone": policy_shardings,
-                 "head": jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), head)}
-    critic = {"backbone": jax.tree.map(lambda x: x.copy(), policy_params), "head": head}
-    return jax.device_put(critic, shardings), shardings
+    return {"backbone": jax.tree.map(jnp.copy, policy_params), "head": head}
+
+
+def critic_shardings(policy_shardings, mesh: Mesh) -> dict:
+    """`init_critic`'s layout: the backbone like the policy, the head replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {"backbone": policy_shardings, "head": {"kernel": replicated, "bias": replicated}}
 
 
 def critic_values(critic: dict, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]) -> jax.Array:

@@ -12,7 +12,7 @@ KL term (the adapters off), so a run with beta > 0 stores no copy of the weights
 same weights; gradients reach A and B through it. The merged kernels exist only inside the jitted step, but
 there they are made for the whole model before the forward pass and live through the backward pass: the
 train step holds a second copy of the adapted weights (12 GiB for Qwen2.5-7B in bfloat16,
-`experiments/benchmark.py --bench=memory`). Merging inside each layer would remove it.
+`experiments/benchmarks/memory.py`). Merging inside each layer would remove it.
 
 Adapters export to the PEFT layout (`peft_tensors`: `lora_A` `[rank, in]`, `lora_B` `[out, rank]` in
 Hugging Face's `[out, in]` orientation); the merged model exports as an ordinary Hugging Face checkpoint:
@@ -62,7 +62,7 @@ class Int8Kernel(NamedTuple):
         return (self.q.astype(jnp.float32) * self.scale.astype(jnp.float32)).astype(self.scale.dtype)
 
 
-def _is_kernel(x) -> bool:
+def is_int8_kernel(x) -> bool:
     return isinstance(x, Int8Kernel)
 
 
@@ -84,7 +84,7 @@ def quantize_base(params: nnx.State, cfg: LoRAConfig) -> nnx.State:
 def dequantize(params: nnx.State) -> nnx.State:
     """`params` with every Int8Kernel as the kernel it stands for (a no-op on unquantized params): the
     reference policy of a QLoRA run."""
-    return jax.tree.map(lambda x: x.dequantize() if _is_kernel(x) else x, params, is_leaf=_is_kernel)
+    return jax.tree.map(lambda x: x.dequantize() if is_int8_kernel(x) else x, params, is_leaf=is_int8_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,13 +156,13 @@ def merge(params: nnx.State, adapters: Adapters, cfg: LoRAConfig) -> nnx.State:
     def leaf(path, x):
         name = _adapter_key(_names(path), cfg)
         if name is None:
-            return x.dequantize() if _is_kernel(x) else x
-        w = x.dequantize() if _is_kernel(x) else x
+            return x.dequantize() if is_int8_kernel(x) else x
+        w = x.dequantize() if is_int8_kernel(x) else x
         a, b = (adapters[name][k].astype(jnp.float32) for k in ("a", "b"))
         delta = cfg.scale * (a @ b)
         return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_kernel)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_int8_kernel)
 
 
 def peft_tensors(adapters: Adapters) -> dict[str, Any]:

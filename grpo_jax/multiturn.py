@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from grpo_jax import sharding as sharding_lib
 from grpo_jax.environments import EnvConfig, Environment, Observations
 from grpo_jax.models.transformer import Transformer
-from grpo_jax.sampling import DEFAULT_BUCKETS, SampleOutput, SamplingConfig, sample
+from grpo_jax.sampling import DEFAULT_BUCKETS, SampleOutput, SamplingConfig, fold_key, sample
 from grpo_jax.tokenizers import Tokenizer
 
 
@@ -111,7 +111,7 @@ class EpisodeSampler:
                                                      if a in mesh.axis_names]))
         running, first = list(range(b)), None
         for turn in range(env.max_turns):
-            turn_key = jax.random.fold_in(key, jax.device_put(np.uint32(turn)))
+            turn_key = fold_key(key, turn)
             if turn == 0:
                 out = first = sample(model, prompts, turn_key, sampling, mesh=mesh)
                 rows = running

@@ -24,7 +24,7 @@ from grpo_jax.environments import EnvConfig
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.multiturn import EpisodeSampler
 from grpo_jax.rewards import overlong_penalty
-from grpo_jax.sampling import SampleOutput, SamplingConfig, sample
+from grpo_jax.sampling import SampleOutput, SamplingConfig, fold_key, sample
 
 RewardFn = Callable[[Sequence[Any], Sequence[Sequence[int]]], Any]
 PIPELINES = ("sync", "one_step_off")
@@ -115,38 +115,48 @@ def _select_groups(samples: tuple[SampleOutput, ...], groups: jax.Array, pad_id:
     return SampleOutput(**fields, prompt_tokens=prompts, prompt_mask=prompt_mask)
 
 
-def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key: jax.Array,
-            sampling: SamplingConfig, cfg: RolloutConfig, reward_fn: RewardFn | None, *,
-            mesh: Mesh | None = None, episodes: EpisodeSampler | None = None,
-            env: EnvConfig | None = None) -> Rollout:
-    """Sample G completions for each of `cfg.num_prompts` examples from `next_examples(n)` and score them.
+def rollout_examples(cfg: RolloutConfig) -> int:
+    """How many examples `collect` may read: N per sampling round (1 + max_resample_rounds rounds with
+    dynamic sampling)."""
+    return cfg.num_prompts * (1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0))
 
-    Each round samples with `jax.random.fold_in(key, round)`. With `cfg.dynamic_sampling`, groups whose
-    rewards are all equal are dropped and further rounds are sampled until N groups carry signal (or
-    `cfg.max_resample_rounds` more rounds were sampled; the remaining places then take groups without
-    signal, which get advantage 0). Per-completion reward metrics are those of the kept groups; per-call
-    ones (e.g. error counts) add up over the rounds.
+
+def collect(model: Transformer, examples: Sequence[dict], key: jax.Array, sampling: SamplingConfig,
+            cfg: RolloutConfig, reward_fn: RewardFn | None, *, mesh: Mesh | None = None,
+            episodes: EpisodeSampler | None = None, env: EnvConfig | None = None) -> Rollout:
+    """Sample G completions for each of the first `cfg.num_prompts` (N) `examples` and score them.
+
+    Round r samples examples[r * N:(r + 1) * N] with `jax.random.fold_in(key, r)`. With
+    `cfg.dynamic_sampling`, groups whose rewards are all equal are dropped and further rounds are sampled
+    until N groups carry signal (or `cfg.max_resample_rounds` more rounds were sampled, or `examples` has no
+    N more; the remaining places then take groups without signal, which get advantage 0): pass
+    `rollout_examples(cfg)` examples. `Rollout.prompts_sampled` says how many were read. Per-completion
+    reward metrics are those of the kept groups; per-call ones (e.g. error counts) add up over the rounds.
 
     With `episodes` (and `env`, `config.env`), each completion is a multi-turn episode of
     `episodes.make_env()` (`grpo_jax.multiturn`), rewarded by its environment; `reward_fn` is not used.
     """
     g, n = sampling.group_size, cfg.num_prompts
-    samples, examples, host, call_metrics = [], [], [], {}
+    if len(examples) < n:
+        raise ValueError(f"collect got {len(examples)} examples for config.rollout.num_prompts={n}; pass "
+                         "at least that many (rollout_examples(config.rollout) with dynamic sampling).")
+    rounds = min(rollout_examples(cfg), len(examples)) // n
+    samples, sampled, host, call_metrics = [], [], [], {}
     time_sampling = time_rewards = 0.0
-    for round_index in range(1 + (cfg.max_resample_rounds if cfg.dynamic_sampling else 0)):
+    for round_index in range(rounds):
         start = time.perf_counter()
-        round_examples = next_examples(n)
-        round_key = jax.random.fold_in(key, jax.device_put(np.uint32(round_index)))
+        round_examples = list(examples[round_index * n:(round_index + 1) * n])
+        key_r = fold_key(key, round_index)
         if episodes is not None:  # the environments reward the episodes while they are sampled
             if env is None:
                 raise ValueError("collect(episodes=...) needs env=, the run's config.env.")
-            out, rewards, metrics, _ = episodes.sample(model, round_examples, round_key, sampling, env,
+            out, rewards, metrics, _ = episodes.sample(model, round_examples, key_r, sampling, env,
                                                        mesh=mesh)
             tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
             time_sampling += time.perf_counter() - start
             start = time.perf_counter()
         else:
-            out = sample(model, [e["prompt_tokens"] for e in round_examples], round_key, sampling, mesh=mesh)
+            out = sample(model, [e["prompt_tokens"] for e in round_examples], key_r, sampling, mesh=mesh)
             tokens, mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)  # what the reward reads
             time_sampling += time.perf_counter() - start
             start = time.perf_counter()
@@ -157,7 +167,7 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
                 call_metrics[k] = call_metrics.get(k, 0.0) + float(np.sum(v))
         time_rewards += time.perf_counter() - start
         samples.append(out)
-        examples += round_examples
+        sampled += round_examples
         host.append(dict(tokens=tokens, mask=mask, rewards=rewards, per_row=per_row,
                          truncated=sharding.to_host(out.truncated)))
         signal = np.concatenate([has_signal(h["rewards"], g) for h in host])
@@ -185,7 +195,7 @@ def collect(model: Transformer, next_examples: Callable[[int], list[dict]], key:
     names = sorted({k for h in host for k in h["per_row"]})  # a round may lack a metric: 0 there
     reward_metrics = {k: float(np.mean(np.concatenate([h["per_row"].get(k, np.zeros(len(h["rewards"])))
                                                        for h in host])[rows])) for k in names}
-    return Rollout(examples=[examples[i] for i in chosen], sample=selected, tokens=tokens, mask=mask,
+    return Rollout(examples=[sampled[i] for i in chosen], sample=selected, tokens=tokens, mask=mask,
                    truncated=truncated, rewards=rewards, task_rewards=task_rewards,
                    reward_metrics={**reward_metrics, **call_metrics}, resample_rounds=len(samples) - 1,
                    prompts_sampled=n * len(samples), time_sampling=time_sampling,

@@ -268,6 +268,13 @@ def grow_cache(cache: Cache, capacity: int) -> Cache:
     return Cache(kv, jnp.pad(cache.mask, ((0, 0), (0, extra))), cache.index)
 
 
+@jax.jit
+def fold_key(key: jax.Array, index: jax.Array | int) -> jax.Array:
+    """`jax.random.fold_in(key, index)` in jit: a step, round, turn or minibatch index (a Python int below
+    2**31, an int32 argument) goes in as the call's argument, with no transfer or dispatch of its own."""
+    return jax.random.fold_in(key, index)
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):
     """Left-pad token lists into `[N, P]` with P the smallest bucket that fits the longest prompt."""
     if len(prompts) == 0 or any(len(p) == 0 for p in prompts):

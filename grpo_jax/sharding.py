@@ -105,6 +105,14 @@ def put_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def place(tree, shardings):
+    """`tree` (arrays of the same value on every process) laid out by `shardings`: one device-to-device
+    copy in a single process; in several, each process copies the shards its devices hold (`put_global`)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: put_global(np.asarray(x), s), tree, shardings)
+
+
 def to_host(array: jax.Array) -> np.ndarray:
     """The full value of a (possibly multi-process) global array, as numpy, on every process."""
     if jax.process_count() == 1 or array.is_fully_addressable:

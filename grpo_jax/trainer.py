@@ -35,8 +35,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from grpo_jax import critic as critic_lib
-from grpo_jax import lora as lora_lib
 from grpo_jax import rollout as rollout_lib
 from grpo_jax import sharding
 from grpo_jax import update as update_lib
@@ -46,8 +44,16 @@ from grpo_jax.environments import Observations
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.multiturn import EpisodeSampler
-from grpo_jax.sampling import prompt_sharding
-from grpo_jax.update import LossFn, TrainState, init_optimizer, make_optimizer, tree_bytes
+from grpo_jax.sampling import fold_key, prompt_sharding
+from grpo_jax.update import (
+    LossFn,
+    TrainState,
+    abstract_train_state,
+    init_train_state,
+    make_optimizer,
+    make_optimizers,
+    tree_bytes,
+)
 
 # Neither changes what a resumed run computes from its checkpoint: the total (the schedule follows the new
 # one) and whether layers recompute their activations.
@@ -78,7 +84,8 @@ class Trainer:
     def __init__(self, model: Transformer, cfg: GRPOConfig, dataset, reward_fn: rollout_lib.RewardFn | None,
                  *, optimizer: optax.GradientTransformation | None = None, loss_fn: LossFn | None = None,
                  mesh: Mesh | None = None, rollout_mesh: Mesh | None = None,
-                 fingerprint: dict[str, object] | None = None, episodes: EpisodeSampler | None = None):
+                 fingerprint: dict[str, object] | None = None, episodes: EpisodeSampler | None = None,
+                 time_stages: bool = False):
         if cfg.env.multi_turn and episodes is None:
             raise ValueError(f"config.env.max_turns={cfg.env.max_turns} needs an environment: pass "
                              "Trainer(..., episodes=grpo_jax.multiturn.EpisodeSampler(make_env, tokenizer)).")
@@ -88,6 +95,7 @@ class Trainer:
         if episodes is not None:  # the observations' template and budget, checked before any work
             Observations(episodes.tokenizer, cfg.env.observation_template, cfg.env.max_observation_tokens)
         self.cfg, self.dataset, self.reward_fn, self.episodes = cfg, dataset, reward_fn, episodes
+        self.time_stages = time_stages
         self.fingerprint = {**flatten(json.loads(json.dumps(dataclasses.asdict(model.config))), "model"),
                             **({"data": dataset.fingerprint()} if hasattr(dataset, "fingerprint") else {}),
                             **json.loads(json.dumps(fingerprint or {}))}
@@ -99,31 +107,18 @@ class Trainer:
         self.graphdef, params = nnx.split(model)
         self.model_config = model.config
         self.param_shardings = sharding.param_shardings(params, self.mesh)
-        # Every process built the same params from the same seed; each places the shards it holds.
-        params = jax.tree.map(lambda x, s: sharding.put_global(np.asarray(x), s), params,
-                              self.param_shardings)
-        trained, trained_shardings, base = params, self.param_shardings, None
-        if cfg.lora.enabled:  # the params stay as they are (frozen base); only the adapters train
-            replicated = sharding.replicated(self.mesh)
-            adapters = lora_lib.init_adapters(params, cfg.lora, jax.random.split(jax.random.key(cfg.seed))[1])
-            trained = jax.tree.map(lambda x: sharding.put_global(np.asarray(x), replicated), adapters)
-            trained_shardings, base = jax.tree.map(lambda _: replicated, adapters), params
-            if cfg.lora.quantize:  # QLoRA: the frozen kernels as int8 (the full-precision ones are dropped)
-                base = jax.jit(functools.partial(lora_lib.quantize_base, cfg=cfg.lora))(params)
-        opt_state = init_optimizer(self.optimizer, trained, trained_shardings, self.mesh)
-        self.critic_optimizer = critic = critic_opt_state = None
-        if cfg.algo == "ppo":
-            self.critic_optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_updates(),
-                                                   cfg.ppo.critic_learning_rate or None)
-            critic, critic_shardings = critic_lib.init_critic(params, self.param_shardings, self.mesh,
-                                                              model.config.hidden_size)
-            critic_opt_state = init_optimizer(self.critic_optimizer, critic, critic_shardings, self.mesh)
-        self.state = TrainState(trained, opt_state, critic, critic_opt_state, base)
-        state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        # No reference params when beta == 0 or under LoRA (the base is the reference); else a copy (the train
-        # step donates the policy's).
-        self.ref_params = (jax.tree.map(lambda x: x.copy(), params) if cfg.loss.beta and base is None
-                           else None)
+        self.critic_optimizer = make_optimizers(cfg)[1]
+        # Every process built the same params from the same seed; each places the shards it holds, and the
+        # state (adapters, optimizer moments, critic, reference) is made where it is laid out.
+        abstract, _ = abstract_train_state(params, cfg, self.mesh, optimizer=self.optimizer,
+                                           critic_optimizer=self.critic_optimizer)
+        state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
+        reference_shardings = self.param_shardings if cfg.loss.beta and not cfg.lora.enabled else None
+        init = jax.jit(functools.partial(init_train_state, cfg=cfg, optimizer=self.optimizer,
+                                         critic_optimizer=self.critic_optimizer),
+                       out_shardings=(state_shardings, reference_shardings))
+        self.state, self.ref_params = init(sharding.place(params, self.param_shardings),
+                                           key=jax.random.split(jax.random.key(cfg.seed))[1])
         self.step, self.data_position, self.key = 0, 0, jax.random.key(cfg.seed)
         self.last_rollout: rollout_lib.Rollout | None = None
         if cfg.rollout.pipeline == "one_step_off" and jax.process_count() > 1:
@@ -154,11 +149,10 @@ class Trainer:
 
     # -- stages -----------------------------------------------------------------------------------------
 
-    def next_examples(self, count: int) -> list[dict]:
-        """The next `count` dataset examples (cycling); the position is part of the checkpoint."""
-        examples = [self.dataset[(self.data_position + i) % len(self.dataset)] for i in range(count)]
-        self.data_position += count
-        return examples
+    def examples_at(self, position: int, count: int) -> list[dict]:
+        """`count` dataset examples from `position` on (cycling). The run's position (`data_position`) is part
+        of the checkpoint; an iteration moves it past the prompts its rollout sampled."""
+        return [self.dataset[(position + i) % len(self.dataset)] for i in range(count)]
 
     def policy(self, mesh: Mesh | None = None) -> Transformer:
         """The current policy, laid out on `mesh` (default: the training mesh); under LoRA the base with the
@@ -169,17 +163,21 @@ class Trainer:
             params = jax.device_put(params, sharding.param_shardings(params, mesh))
         return nnx.merge(self.graphdef, params)
 
-    def collect(self, key: jax.Array, policy: Transformer | None = None) -> rollout_lib.Rollout:
-        """Stage 1: a scored rollout from `policy` (default: the current one) on the rollout mesh."""
+    def collect(self, key: jax.Array, policy: Transformer | None = None, *,
+                position: int | None = None) -> rollout_lib.Rollout:
+        """Stage 1: a scored rollout from `policy` (default: the current one) on the rollout mesh, of the
+        examples at `position` (default: the run's `data_position`, which this does not move)."""
         policy = self.policy(self.rollout_mesh) if policy is None else policy
-        return rollout_lib.collect(policy, self.next_examples, key, self.cfg.sampling, self.cfg.rollout,
+        position = self.data_position if position is None else position
+        examples = self.examples_at(position, rollout_lib.rollout_examples(self.cfg.rollout))
+        return rollout_lib.collect(policy, examples, key, self.cfg.sampling, self.cfg.rollout,
                                    self.reward_fn, mesh=self.rollout_mesh, episodes=self.episodes,
                                    env=self.cfg.env)
 
     def sample_key(self, step: int) -> tuple[jax.Array, jax.Array]:
         """(sampling key, shuffle key) of iteration `step`: they derive from (seed, step), so a resumed run
         draws exactly the keys the straight run drew."""
-        return jax.random.split(jax.random.fold_in(self.key, jax.device_put(np.uint32(step))))
+        return _iteration_keys(self.key, step)
 
     def _start_next_rollout(self) -> None:
         """one_step_off: sample iteration step+1's rollout in the rollout thread from a copy of the current
@@ -188,7 +186,8 @@ class Trainer:
         graphdef, params = nnx.split(model)
         params = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), params))
         key = self.sample_key(self.step + 1)[0]
-        self._next_rollout = self._rollout_thread.submit(self.collect, key, nnx.merge(graphdef, params))
+        self._next_rollout = self._rollout_thread.submit(self.collect, key, nnx.merge(graphdef, params),
+                                                         position=self.data_position)
 
     def batch(self, rollout: rollout_lib.Rollout) -> dict[str, jax.Array]:
         """Stage 2: the rollout's device arrays on the training mesh with its rewards, prepared to update."""
@@ -210,7 +209,6 @@ class Trainer:
         """Stage 3: mu epochs x num_minibatches optimizer steps; the metrics stay on the device."""
         u, metrics = self.cfg.updates, []
         for index in range(u.mu * u.num_minibatches):
-            index = jax.device_put(np.int32(index))
             part = batch if u.num_minibatches == 1 else self.minibatch(batch, key, index)
             self.state, step_metrics = self.train_step(self.state, part)
             metrics.append(step_metrics)
@@ -227,13 +225,17 @@ class Trainer:
             rollout, self._next_rollout, staleness = self._next_rollout.result(), None, 1.0
         else:
             rollout = self.collect(sample_key)
+        self.data_position += rollout.prompts_sampled
         self.last_rollout = rollout
         time_waited = time.perf_counter() - begin
         if self._rollout_thread is not None and prefetch:
             self._start_next_rollout()
         start = time.perf_counter()
-        batch = jax.block_until_ready(self.batch(rollout))
-        time_prepare, start = time.perf_counter() - start, time.perf_counter()
+        batch = self.batch(rollout)
+        time_prepare = None
+        if self.time_stages:  # else the update is queued behind the preparation, with no wait between them
+            jax.block_until_ready(batch)
+            time_prepare, start = time.perf_counter() - start, time.perf_counter()
         update_metrics = jax.device_get(self.update(batch, shuffle_key))
         time_update = time.perf_counter() - start
         self.step += 1
@@ -247,11 +249,11 @@ class Trainer:
         return metrics
 
     def drain(self) -> None:
-        """Wait for a rollout being sampled ahead and drop it, with the examples it took: the trainer is then
-        as if it had not prefetched (the next iteration samples its own rollout)."""
+        """Wait for a rollout being sampled ahead and drop it: the trainer is then as if it had not
+        prefetched (the next iteration samples its own rollout, of the same examples)."""
         if self._next_rollout is not None:
             future, self._next_rollout = self._next_rollout, None
-            self.data_position -= future.result().prompts_sampled
+            future.result()
 
     def _metrics(self, rollout, update_metrics, time_prepare, time_update) -> dict[str, float]:
         metrics = {"step": self.step, **rollout_lib.rollout_metrics(rollout, self.cfg.sampling.group_size)}
@@ -264,8 +266,11 @@ class Trainer:
         # Per-epoch clipping: the first epoch has ratio 1 when mu == 1; later epochs show the policy moving.
         metrics["clip_fraction_last_epoch"] = float(np.mean(
             [float(m["clip_fraction"]) for m in update_metrics[-self.cfg.updates.num_minibatches:]]))
-        metrics.update(time_reference=time_prepare, time_update=time_update)
-        seconds = sum(metrics[k] for k in ("time_sampling", "time_rewards", "time_reference", "time_update"))
+        metrics["time_update"] = time_update
+        if time_prepare is not None:
+            metrics["time_reference"] = time_prepare
+        seconds = sum(metrics.get(k, 0.0) for k in ("time_sampling", "time_rewards", "time_reference",
+                                                     "time_update"))
         metrics["tokens_per_second"] = float(rollout.mask.sum()) / max(seconds, 1e-9)
         return metrics
 
@@ -315,6 +320,11 @@ class Trainer:
         self.ref_params = state.get("ref_params")
         self.step, self.data_position = metadata["step"], metadata["data_position"]
         return True
+
+
+@jax.jit
+def _iteration_keys(key: jax.Array, step: jax.Array | int) -> jax.Array:
+    return jax.random.split(fold_key(key, step))
 
 
 EPISODE_WIDTH_STEP = 32

@@ -29,6 +29,7 @@ from grpo_jax import advantages as advantages_lib
 from grpo_jax import critic as critic_lib
 from grpo_jax import lora as lora_lib
 from grpo_jax import losses
+from grpo_jax import sharding as sharding_lib
 from grpo_jax._validation import check_fields, check_option, finite
 from grpo_jax.policy import batch_logprobs, completion_logprobs, sequence_mask, split_batch
 
@@ -193,11 +194,97 @@ def make_optimizer(cfg: OptimizerConfig, num_updates: int, learning_rate: float 
     return optax.apply_if_finite(inner, max_consecutive_errors=1_000_000)
 
 
-def init_optimizer(optimizer: optax.GradientTransformation, params, shardings, mesh: Mesh) -> optax.OptState:
-    """The optimizer state of `params`, its moments sharded like their parameters, its counters replicated."""
-    out = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), shardings,
-                                transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
-    return jax.jit(optimizer.init, out_shardings=out)(params)
+def init_train_state(params: nnx.State, cfg, key: jax.Array, *, optimizer: optax.GradientTransformation,
+                     critic_optimizer: optax.GradientTransformation | None = None
+                     ) -> tuple[TrainState, nnx.State | None]:
+    """The state a run starts from, and its reference params (None at cfg.loss.beta == 0 and under LoRA,
+    whose base is the reference). Pure: `jax.eval_shape` gives its shapes (memory reports, restoring a
+    checkpoint) and `jax.jit(init_train_state, out_shardings=train_state_shardings(...))` makes it where it
+    is laid out.
+
+    `params` (the policy's) train, or under LoRA (cfg.lora.rank > 0) stay frozen as the base (int8 kernels
+    under QLoRA) while adapters drawn from `key` train. cfg.algo == "ppo" adds a critic copied from the
+    policy with a zero head, and its `critic_optimizer` state. `cfg` is the run's GRPOConfig.
+    """
+    trained, base = params, None
+    if cfg.lora.enabled:
+        trained = lora_lib.init_adapters(params, cfg.lora, key)
+        base = lora_lib.quantize_base(params, cfg.lora) if cfg.lora.quantize else params
+    critic = critic_opt_state = None
+    if cfg.algo == "ppo":
+        if critic_optimizer is None:
+            raise ValueError("init_train_state: config.algo='ppo' needs critic_optimizer=.")
+        critic = critic_lib.init_critic(params, params["final_norm"]["scale"].shape[0])
+        critic_opt_state = critic_optimizer.init(critic)
+    # The reference is a buffer of its own: the train step donates the policy's params.
+    reference = jax.tree.map(jnp.copy, params) if cfg.loss.beta and base is None else None
+    return TrainState(trained, optimizer.init(trained), critic, critic_opt_state, base), reference
+
+
+def make_optimizers(cfg) -> tuple[optax.GradientTransformation, optax.GradientTransformation | None]:
+    """The run's (optimizer, critic optimizer or None): `make_optimizer` of cfg.optimizer over the run's
+    updates; PPO's critic at cfg.ppo.critic_learning_rate (default: the policy's)."""
+    optimizer = make_optimizer(cfg.optimizer, cfg.optimizer_updates())
+    if cfg.algo != "ppo":
+        return optimizer, None
+    return optimizer, make_optimizer(cfg.optimizer, cfg.optimizer_updates(),
+                                     cfg.ppo.critic_learning_rate or None)
+
+
+def abstract_train_state(params: nnx.State, cfg, mesh: Mesh, *,
+                         optimizer: optax.GradientTransformation | None = None,
+                         critic_optimizer: optax.GradientTransformation | None = None
+                         ) -> tuple[TrainState, nnx.State | None]:
+    """`init_train_state`'s (state, reference) as `jax.ShapeDtypeStruct`s with their shardings on `mesh`,
+    nothing allocated or computed: what a checkpoint is restored into and what a memory report counts.
+    `params` may be abstract; the optimizers default to the run's (`make_optimizers`)."""
+    if optimizer is None:
+        optimizer, critic_optimizer = make_optimizers(cfg)
+    state, reference = jax.eval_shape(
+        lambda p: init_train_state(p, cfg, jax.random.key(0), optimizer=optimizer,
+                                   critic_optimizer=critic_optimizer), params)
+    param_shardings = sharding_lib.param_shardings(params, mesh)
+    shardings = train_state_shardings(state, param_shardings, mesh, optimizer=optimizer,
+                                      critic_optimizer=critic_optimizer)
+
+    def spec(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    reference = None if reference is None else jax.tree.map(spec, reference, param_shardings)
+    return jax.tree.map(spec, state, shardings), reference
+
+
+def train_state_shardings(state: TrainState, param_shardings, mesh: Mesh, *,
+                          optimizer: optax.GradientTransformation,
+                          critic_optimizer: optax.GradientTransformation | None = None) -> TrainState:
+    """Where `init_train_state`'s outputs (`state`: its shapes, e.g. from `jax.eval_shape`) live: params,
+    the frozen base and the critic's backbone sharded like the policy's params (`param_shardings`, which
+    the reference also takes); LoRA adapters, the critic's head and optimizer counters replicated; Adam's
+    moments like their parameters."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def optimizer_shardings(opt, opt_state, shardings):
+        return optax.tree_map_params(opt, lambda _, s: s, opt_state, shardings,
+                                     transform_non_params=lambda _: replicated)
+
+    def base_sharding(sharding, leaf):  # an int8 kernel's scale is split like the kernel's columns
+        if not lora_lib.is_int8_kernel(leaf):
+            return sharding
+        return lora_lib.Int8Kernel(sharding, NamedSharding(mesh, PartitionSpec(*sharding.spec[1:2])))
+
+    if state.base is None:
+        trained = param_shardings
+        base = None
+    else:
+        trained = jax.tree.map(lambda _: replicated, state.params)
+        base = jax.tree.map(base_sharding, param_shardings, state.base,
+                            is_leaf=lambda x: isinstance(x, NamedSharding))
+    critic = critic_opt = None
+    if state.critic is not None:
+        critic = critic_lib.critic_shardings(param_shardings, mesh)
+        critic_opt = optimizer_shardings(critic_optimizer, state.critic_opt_state, critic)
+    return TrainState(trained, optimizer_shardings(optimizer, state.opt_state, trained), critic, critic_opt,
+                      base)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -14,12 +13,10 @@ import ml_collections
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import train_grpo  # noqa: E402
 from configs_for_tests import default_config  # noqa: E402
 from gguf_fixtures import TinyTokenizer, write_tiny_gguf  # noqa: E402
 
+from grpo_jax import experiment  # noqa: E402
 from grpo_jax.checkpoint import Checkpointer  # noqa: E402
 
 LLAMA = ROOT / "tests" / "fixtures" / "hf" / "llama"
@@ -83,7 +80,7 @@ def unknown_dtype(directory):
 def previous_run(tmp, **changes):
     """A checkpoint of the default run (unchanged config) in tmp/run, then the same command with changes."""
     workdir = tmp / "run"
-    trainer = train_grpo.build(config())
+    trainer = experiment.build(config())
     with Checkpointer(workdir / "checkpoints") as checkpoints:
         trainer.save(checkpoints)
     return config(**changes), workdir
@@ -227,9 +224,9 @@ def guarded(monkeypatch):
             raise AssertionError(f"reached {stage}: the bad input was not caught before it")
         return fail
 
-    monkeypatch.setattr(train_grpo, "supervised_warm_start", stop("the warm start"))
-    monkeypatch.setattr(train_grpo, "train", stop("GRPO training"))
-    monkeypatch.setattr(train_grpo, "held_out_accuracy", stop("the held-out evaluation"))
+    monkeypatch.setattr(experiment, "supervised_warm_start", stop("the warm start"))
+    monkeypatch.setattr(experiment, "train", stop("GRPO training"))
+    monkeypatch.setattr(experiment, "held_out_accuracy", stop("the held-out evaluation"))
     return monkeypatch, stop
 
 
@@ -239,13 +236,13 @@ def test_bad_input_fails_fast_naming_the_field(tmp_path, guarded, name, make, me
     made = make(tmp_path)
     cfg, workdir = made if isinstance(made, tuple) else (made, tmp_path / "run")
     if not may_load_model:
-        monkeypatch.setattr(train_grpo, "make_model", stop("building the model"))
+        monkeypatch.setattr(experiment, "make_model", stop("building the model"))
     if may_load_model == "restore":
         monkeypatch.undo()  # the restore is inside train(); a resume has no warm start or first evaluation
-        monkeypatch.setattr(train_grpo.Trainer, "iteration", stop("a GRPO iteration"))
+        monkeypatch.setattr(experiment.Trainer, "iteration", stop("a GRPO iteration"))
     start = time.perf_counter()
     with pytest.raises((ValueError, FileNotFoundError, RuntimeError)) as error:
-        train_grpo.run(cfg, workdir)
+        experiment.run(cfg, workdir)
     assert message in str(error.value), str(error.value)
     assert time.perf_counter() - start < 30  # seconds: loading the 20k-problem task is the slowest part
 

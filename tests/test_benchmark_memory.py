@@ -1,20 +1,14 @@
-"""experiments/benchmark.py --bench=memory on a tiny model: the bytes it reports are the analytic counts
-(LoRA adapters r * (in + out) per targeted kernel, AdamW's two moments each), the reference is a full copy
-only for full fine-tuning, LoRA's compiled step is smaller, and the depth extrapolation is exact where
-memory is linear in depth (the step's arguments: params and optimizer state)."""
-
-import sys
-from pathlib import Path
+"""grpo_jax.profiling.memory_report (what experiments/benchmarks/memory.py prints) on a tiny model: the bytes
+it reports are the analytic counts (LoRA adapters r * (in + out) per targeted kernel, AdamW's two moments
+each), the reference is a full copy only for full fine-tuning, LoRA's compiled step is smaller, and the depth
+extrapolation is exact where memory is linear in depth (the step's arguments: params and optimizer state)."""
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-
-import benchmark  # noqa: E402
-
-from grpo_jax.config import GRPOConfig  # noqa: E402
-from grpo_jax.models import ModelConfig  # noqa: E402
-from grpo_jax.update import tree_bytes  # noqa: E402
+from grpo_jax import profiling
+from grpo_jax.config import GRPOConfig
+from grpo_jax.models import ModelConfig
+from grpo_jax.update import tree_bytes
 
 D, F, H, KV, V, RANK = 64, 160, 4, 2, 384, 4
 HD = D // H
@@ -31,7 +25,7 @@ def grpo(rank: int, quantize: str = "") -> GRPOConfig:
 
 @pytest.fixture(scope="module")
 def reports():
-    return {rank: benchmark.memory_report(MODEL, grpo(rank), prompt_tokens=8, depths=None)
+    return {rank: profiling.memory_report(MODEL, grpo(rank), prompt_tokens=8, depths=None)
             for rank in (0, RANK)}
 
 
@@ -68,15 +62,15 @@ def test_the_lora_step_compiles_smaller_than_full_fine_tuning(reports):
 def test_depth_extrapolation_is_exact_for_what_is_linear_in_depth():
     """The step's arguments (state + minibatch) extrapolated from 1 and 2 layers are a 3-layer model's."""
     model = ModelConfig(**{**MODEL.__dict__, "num_layers": 3})
-    report = benchmark.memory_report(model, grpo(0), prompt_tokens=8, depths=(1, 2))
-    _, state, batch, _, _ = benchmark._abstract_step(model, grpo(0), prompt_tokens=8)
+    report = profiling.memory_report(model, grpo(0), prompt_tokens=8, depths=(1, 2))
+    _, state, batch, _, _ = profiling.abstract_train_step(model, grpo(0), prompt_tokens=8)
     # Up to the optimizer's 1-byte `last_finite` flag, which the step never reads (jit drops unused inputs).
     assert 0 <= tree_bytes(state) + tree_bytes(batch) - report["step"]["arguments"] <= 1
     assert 0 <= tree_bytes(state) - report["step"]["aliased"] <= 1  # the donated state
 
 
 def test_qlora_stores_the_targeted_kernels_as_int8_with_a_scale_per_column():
-    q, plain = (benchmark.memory_report(MODEL, cfg, prompt_tokens=8, depths=None)
+    q, plain = (profiling.memory_report(MODEL, cfg, prompt_tokens=8, depths=None)
                 for cfg in (grpo(RANK, "int8"), grpo(RANK)))
     kernels = {"q": (D, H * HD), "k": (D, KV * HD), "v": (D, KV * HD), "o": (H * HD, D), "gate": (D, F),
                "up": (D, F), "down": (F, D)}

@@ -15,12 +15,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from configs_for_tests import default_config, shipped_config  # noqa: E402
 
-import train_grpo  # noqa: E402
-from configs import countdown_qwen, gsm8k_qwen2_5_0_5b  # noqa: E402
-from configs_for_tests import default_config  # noqa: E402
-
+from grpo_jax import experiment  # noqa: E402
 from grpo_jax.models import load_hf_checkpoint  # noqa: E402
 from grpo_jax.tokenizers import HFTokenizer  # noqa: E402
 from grpo_jax.trainer import train  # noqa: E402
@@ -33,7 +30,7 @@ def config(**overrides):
 
 
 def test_default_config_builds_a_trainer():
-    trainer = train_grpo.build(config())
+    trainer = experiment.build(config())
     assert trainer.cfg.sampling.stop_tokens == (1,) and trainer.cfg.num_steps == 400
     example = trainer.dataset[0]
     assert example["prompt_text"].startswith("What is ") and len(example["prompt_tokens"]) <= 32
@@ -45,8 +42,8 @@ def test_default_config_builds_a_trainer():
 def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
     overrides = {"warm_start.steps": 3, "warm_start.eval_every": 1, "warm_start.threshold": 0.0,
                  "eval_examples": 8}
-    plain = train_grpo.build(config(**overrides))
-    warmed = train_grpo.build(config(**overrides), workdir=tmp_path)
+    plain = experiment.build(config(**overrides))
+    warmed = experiment.build(config(**overrides), workdir=tmp_path)
     out = capsys.readouterr().out
     assert "warm start: 3 steps" in out  # threshold 0: the whole step budget
     # A progress line at each evaluation, with speed and ETA from the second step on.
@@ -76,12 +73,12 @@ def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
 ])
 def test_inconsistent_configs_fail_fast(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train_grpo.build(config(**overrides))
+        experiment.build(config(**overrides))
 
 
 def test_init_perturbation_moves_every_initial_param_by_about_its_scale():
-    plain = jax.tree.leaves(train_grpo.build(config()).state.params)
-    moved = jax.tree.leaves(train_grpo.build(config(init_perturbation=1e-6)).state.params)
+    plain = jax.tree.leaves(experiment.build(config()).state.params)
+    moved = jax.tree.leaves(experiment.build(config(init_perturbation=1e-6)).state.params)
     for a, b in zip(plain, moved, strict=True):
         diff = np.abs(np.asarray(a) - np.asarray(b))
         assert 0 < diff.max() < 1e-5 and np.std(np.asarray(b) - np.asarray(a)) == pytest.approx(1e-6, rel=0.5)
@@ -145,15 +142,15 @@ def jsonl_config(tmp_path, **paths):
 
 def test_jsonl_task_trains_on_its_train_file_and_evaluates_on_its_test_file(tmp_path):
     cfg = jsonl_config(tmp_path)
-    trainer = train_grpo.build(cfg)
+    trainer = experiment.build(cfg)
     assert len(trainer.dataset) == 20 and trainer.dataset[0]["prompt_text"] == "What is 10 + 1?\n"
-    accuracy = train_grpo.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
+    accuracy = experiment.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
                                             trainer.cfg)
     assert 0.0 <= accuracy <= 1.0
     metrics = trainer.iteration()
     assert 0.0 <= metrics["reward_mean"] <= 1.0
     with pytest.raises(ValueError, match="config.task_args.test_path"):
-        train_grpo.build(jsonl_config(tmp_path, test_path=""))
+        experiment.build(jsonl_config(tmp_path, test_path=""))
 
 
 def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
@@ -247,7 +244,7 @@ def test_the_default_task_learns_with_lora_and_resumes_on_its_saved_base(tmp_pat
         done = subprocess.run(command + extra, capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and (tmp_path / "base").is_dir()
-    with train_grpo.Checkpointer(tmp_path / "checkpoints") as checkpoints:
+    with experiment.Checkpointer(tmp_path / "checkpoints") as checkpoints:
         stored = checkpoints.stored_paths()
     assert stored and all(p.split("/")[0] in ("params", "opt_state", "rng") for p in stored)
     assert {p.split("/")[-1] for p in stored if p.startswith("params/")} == {"a", "b"}  # adapters alone
@@ -273,8 +270,7 @@ def tiny_qwen(tmp_path):
 def scaled_down(module, checkpoint):
     """The config as shipped (bfloat16 compute, remat, mesh, rewards, template) at CPU-test sizes, over the
     test session's 8 CPU devices."""
-    cfg = module.get_config()
-    cfg.unlock()
+    cfg = shipped_config(module)
     cfg.checkpoint = str(checkpoint)
     cfg.model.max_position_embeddings = 1024  # the fixture's 128 cannot hold the R1 instructions
     cfg.max_prompt_tokens = 512
@@ -296,27 +292,27 @@ GSM8K_RECORDS = {
 
 
 @pytest.mark.parametrize("module, rewards, prompt_text", [
-    (countdown_qwen, ("reward/equation", "reward/format"), "Using the numbers"),
-    (gsm8k_qwen2_5_0_5b, ("reward/accuracy", "reward/format"), "<|im_start|>system"),
+    ("countdown_qwen", ("reward/equation", "reward/format"), "Using the numbers"),
+    ("gsm8k_qwen2_5_0_5b", ("reward/accuracy", "reward/format"), "<|im_start|>system"),
 ])
 def test_hf_configs_train_from_a_scaled_down_random_checkpoint(tiny_qwen, tmp_path, module, rewards,
                                                                 prompt_text):
     cfg = scaled_down(module, tiny_qwen)
     as_data_source = lambda builder, split, **kwargs: GSM8K_RECORDS[split]  # noqa: E731
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
-        trainer = train_grpo.build(cfg)
+        trainer = experiment.build(cfg)
         # The checkpoint's weights, not a fresh initialisation; computed in bfloat16 with remat as shipped.
         imported = load_hf_checkpoint(tiny_qwen)
         np.testing.assert_array_equal(trainer.state.params["embed"][...], imported.embed[...])
         assert trainer.model_config.dtype == "bfloat16" and trainer.model_config.remat
         # Countdown trains FSDP and samples data-parallel with whole params (its own mesh); GSM8K on one.
-        assert (trainer.rollout_mesh is not trainer.mesh) == (module is countdown_qwen)
+        assert (trainer.rollout_mesh is not trainer.mesh) == (module == "countdown_qwen")
         tokenizer = trainer.dataset.tokenizer  # the checkpoint directory's own
         assert isinstance(tokenizer, HFTokenizer)
         assert trainer.cfg.sampling.vocab_limit == tokenizer.vocab_size < 128
         assert prompt_text in trainer.dataset[0]["prompt_text"]
         history = train(trainer, tmp_path / "run", 2, checkpoint_every=2, sample_every=1)
-        accuracy = train_grpo.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
+        accuracy = experiment.held_out_accuracy(cfg, trainer.policy(), trainer.dataset.tokenizer,
                                                 trainer.cfg)
     assert len(history) == 2 and 0.0 <= accuracy <= 1.0
     for metrics in history:
@@ -329,9 +325,9 @@ def test_hf_configs_train_from_a_scaled_down_random_checkpoint(tiny_qwen, tmp_pa
 
 
 def test_hf_configs_without_a_checkpoint_fail_fast():
-    for module in (countdown_qwen, gsm8k_qwen2_5_0_5b):
+    for module in ("countdown_qwen", "gsm8k_qwen2_5_0_5b"):
         with pytest.raises(ValueError, match="--config.checkpoint="):
-            train_grpo.build(module.get_config())
+            experiment.build(shipped_config(module))
 
 
 def test_every_library_option_is_a_config_field_settable_from_the_command_line():
@@ -345,6 +341,6 @@ def test_every_library_option_is_a_config_field_settable_from_the_command_line()
         assert set(cfg[name].keys()) == fields, name
     cfg.loss.loss_type, cfg.loss.dual_clip, cfg.advantages.scale = "gspo", 3.0, "none"
     cfg.updates.ref_update_every, cfg.rollout.dynamic_sampling = 5, True
-    grpo = train_grpo.grpo_config(cfg, train_grpo.make_tokenizer(cfg))
+    grpo = experiment.grpo_config(cfg, experiment.make_tokenizer(cfg))
     assert (grpo.loss.loss_type, grpo.loss.dual_clip, grpo.advantages.scale) == ("gspo", 3.0, "none")
     assert grpo.updates.ref_update_every == 5 and grpo.rollout.dynamic_sampling

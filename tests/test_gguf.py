@@ -4,7 +4,6 @@ each refused with the file, the tensor or metadata key, and the fix, before any 
 import dataclasses
 import json
 import pathlib
-import sys
 
 import gguf
 import jax
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from gguf_fixtures import CHATML, VOCAB, TinyTokenizer, tiny  # noqa: E402
 
 from grpo_jax.models import (
     forward_logits,
@@ -23,9 +23,6 @@ from grpo_jax.models import (
 )
 from grpo_jax.models.gguf import gguf_name
 from grpo_jax.tokenizers import HFTokenizer, load_tokenizer
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-from gguf_fixtures import CHATML, VOCAB, TinyTokenizer, tiny  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -195,9 +192,9 @@ def test_a_vocabulary_that_is_not_the_models_is_refused(tmp_path):
 def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
     """A run that started from a GGUF (its tokenizer and chat template from the file) exports as a Q8_0
     GGUF: the weights of the run's checkpoint quantized, the same tokenizer and template, readable again."""
-    import export
-    import train_grpo
     from configs_for_tests import default_config
+
+    from grpo_jax import experiment
 
     save_gguf_checkpoint(tiny("qwen2"), tmp_path / "base.gguf", TinyTokenizer(), file_type="F32")
     cfg = default_config(**{"checkpoint": str(tmp_path / "base.gguf"), "tokenizer": "",
@@ -206,10 +203,10 @@ def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
                             "sampling.buckets": (64,), "max_prompt_tokens": 64,
                             "rollout.num_prompts": 8, "sampling.group_size": 2})
     cfg.model = ml_collections.ConfigDict({"max_position_embeddings": 96})
-    train_grpo.run(cfg, tmp_path / "run")
-    result = export.export(cfg, tmp_path / "run", tmp_path / "out", file_format="gguf", gguf_type="Q8_0")
+    experiment.run(cfg, tmp_path / "run")
+    result = experiment.export(cfg, tmp_path / "run", tmp_path / "out", file_format="gguf", gguf_type="Q8_0")
     assert result == {"step": 1, "out": str(tmp_path / "out" / "model.gguf"), "format": "gguf"}
-    trained, _, _, _ = train_grpo.load_run(cfg, tmp_path / "run")
+    trained, _, _, _ = experiment.load_run(cfg, tmp_path / "run")
     exported = load_gguf_checkpoint(tmp_path / "out" / "model.gguf", max_position_embeddings=96)
     kernel = np.asarray(trained.layers[0].attn.q.kernel[...]).T
     q8 = gguf.GGMLQuantizationType.Q8_0
@@ -221,7 +218,7 @@ def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
     messages = [{"role": "user", "content": "hi"}]
     assert written.apply_chat_template(messages) == original.apply_chat_template(messages)
     with pytest.raises(ValueError, match="CharTokenizer cannot be written into a GGUF"):
-        export.export(default_config(), tmp_path / "run", tmp_path / "out2", file_format="gguf")
+        experiment.export(default_config(), tmp_path / "run", tmp_path / "out2", file_format="gguf")
 
 
 def test_a_hugging_face_tokenizer_is_described_in_gguf_metadata(tmp_path):

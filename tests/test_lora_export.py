@@ -5,7 +5,6 @@ the workdir, or config.checkpoint) and on a full fine-tuning run."""
 
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +22,9 @@ from grpo_jax.trainer import train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HF = ROOT / "tests" / "fixtures" / "hf"
 FIXTURES = ROOT / "tests" / "fixtures" / "lora"  # tests/fixtures/make_lora_fixtures.py
-sys.path.insert(0, str(ROOT / "experiments"))
+from configs_for_tests import default_config, set_fields  # noqa: E402
 
-import export  # noqa: E402
-import train_grpo  # noqa: E402
-from configs import arithmetic_tiny  # noqa: E402
-from configs_for_tests import set_fields  # noqa: E402
+from grpo_jax import experiment  # noqa: E402
 
 logits_of = nnx.jit(forward_logits)
 # The merge as the trainer runs it (compiled): the export writes these weights bit for bit (eager op-by-op
@@ -245,8 +241,7 @@ def test_export_refuses_adapters_that_do_not_fit(tmp_path):
 
 def run_config(**overrides):
     """arithmetic_tiny scaled down to a few seconds: a 2-layer width-32 model, 8 prompts x 2 completions."""
-    cfg = arithmetic_tiny.get_config()
-    cfg.unlock()
+    cfg = default_config()
     cfg.model.update(hidden_size=32, intermediate_size=64, num_layers=1)
     cfg.update(eval_examples=0, sample_every=0, num_steps=1, checkpoint_every=1)
     cfg.task_args.size = 64
@@ -277,28 +272,28 @@ def even_share(examples, completions):
 
 def test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters(run_model, tmp_path):
     config = run_config(**{"lora.rank": 4, "lora.alpha": 8.0})
-    trainer = train_grpo.build(config, model=run_model)
+    trainer = experiment.build(config, model=run_model)
     trainer.reward_fn = even_share
     workdir = tmp_path / "run"
     train(trainer, workdir, 1, checkpoint_every=1, print_fn=lambda _: None, loggers=())
     assert float(jnp.abs(trainer.state.params["layers.0.attn.q"]["b"]).max()) > 0  # the adapters moved
     with pytest.raises(FileNotFoundError, match="base not found"):  # the run's base is not saved yet
-        export.export(config, workdir, tmp_path / "none")
+        experiment.export(config, workdir, tmp_path / "none")
     # The main command saves a LoRA run's base (no config.checkpoint) as step 0 of <workdir>/base, holding
     # {"params": trainer.state.base}.
-    train_grpo.save_base(trainer.state.base, workdir / train_grpo.BASE_DIR)
+    experiment.save_base(trainer.state.base, workdir / experiment.BASE_DIR)
     with Checkpointer(workdir / "base") as checkpointer:
         assert checkpointer.all_steps() == [0]
         assert {path.split("/")[0] for path in checkpointer.stored_paths()} == {"params"}
 
-    result = export.export(config, workdir, tmp_path / "merged")
+    result = experiment.export(config, workdir, tmp_path / "merged")
     assert result == {"step": 1, "out": str(tmp_path / "merged"), "format": "merged"}
     policy, exported = flat(trainer.policy()), flat(load_hf_checkpoint(tmp_path / "merged"))
     assert exported.keys() == policy.keys()
     for path, value in policy.items():
         np.testing.assert_array_equal(exported[path], value, err_msg=str(path))
 
-    result = export.export(config, workdir, tmp_path / "adapters", adapters_only=True)
+    result = experiment.export(config, workdir, tmp_path / "adapters", adapters_only=True)
     base_dir = tmp_path / "adapters" / "base"
     assert result["format"] == "adapters" and result["base"] == str(base_dir)
     adapters, cfg = lora.load_adapters(tmp_path / "adapters")
@@ -313,25 +308,25 @@ def test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters(run_model, tm
         np.testing.assert_array_equal(base[path], leaf[...], err_msg=str(path))
 
     with pytest.raises(ValueError, match="not an empty directory"):
-        export.export(config, workdir, tmp_path / "merged")
+        experiment.export(config, workdir, tmp_path / "merged")
     with pytest.raises(ValueError, match="lora.rank: 4 -> 8"):  # another config's checkpoint
-        export.export(run_config(**{"lora.rank": 8, "lora.alpha": 8.0}), workdir, tmp_path / "other")
+        experiment.export(run_config(**{"lora.rank": 8, "lora.alpha": 8.0}), workdir, tmp_path / "other")
 
 
 def test_export_py_writes_a_full_fine_tuning_runs_params(run_model, tmp_path):
     config = run_config()
-    trainer = train_grpo.build(config, model=run_model)
+    trainer = experiment.build(config, model=run_model)
     with Checkpointer(tmp_path / "run" / "checkpoints") as checkpointer:
         trainer.save(checkpointer)  # step 0, as train() saves a fresh run's start
-    result = export.export(config, tmp_path / "run", tmp_path / "out")
+    result = experiment.export(config, tmp_path / "run", tmp_path / "out")
     assert result["step"] == 0 and result["format"] == "merged"
     exported = flat(load_hf_checkpoint(tmp_path / "out"))
     for path, leaf in nnx.to_flat_state(trainer.state.params):
         np.testing.assert_array_equal(exported[path], leaf[...], err_msg=str(path))
     with pytest.raises(ValueError, match="--adapters_only: the run trained every weight"):
-        export.export(config, tmp_path / "run", tmp_path / "adapters", adapters_only=True)
+        experiment.export(config, tmp_path / "run", tmp_path / "adapters", adapters_only=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.export(config, tmp_path / "elsewhere", tmp_path / "adapters")
+        experiment.export(config, tmp_path / "elsewhere", tmp_path / "adapters")
 
 
 def test_export_py_applies_a_lora_runs_adapters_to_config_checkpoint(tmp_path):
@@ -345,19 +340,19 @@ def test_export_py_applies_a_lora_runs_adapters_to_config_checkpoint(tmp_path):
     config = run_config(**{"lora.rank": 2, "lora.alpha": 5.0, "lora.targets": ("q", "v", "down"),
                            "checkpoint": str(checkpoint), "tokenizer": ""})
     config.model = ml_collections.ConfigDict()  # config.json's model as it is
-    trainer = train_grpo.build(config)
+    trainer = experiment.build(config)
     adapters = random_adapters(trainer.state.base, trainer.cfg.lora, seed=9)  # as if trained
     trainer.state = trainer.state._replace(params=jax.device_put(adapters, sharding.replicated(trainer.mesh)))
     with Checkpointer(tmp_path / "run" / "checkpoints") as checkpointer:
         trainer.save(checkpointer)
 
-    export.export(config, tmp_path / "run", tmp_path / "merged")
+    experiment.export(config, tmp_path / "run", tmp_path / "merged")
     policy, exported = flat(trainer.policy()), flat(load_hf_checkpoint(tmp_path / "merged"))
     for path, value in policy.items():
         np.testing.assert_array_equal(exported[path], value, err_msg=str(path))
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "merged").iterdir()}
 
-    result = export.export(config, tmp_path / "run", tmp_path / "adapters", adapters_only=True)
+    result = experiment.export(config, tmp_path / "run", tmp_path / "adapters", adapters_only=True)
     assert result["base"] == str(checkpoint) and not (tmp_path / "adapters" / "base").exists()
     config_json = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config_json["base_model_name_or_path"] == str(checkpoint)
@@ -368,4 +363,4 @@ def test_export_py_applies_a_lora_runs_adapters_to_config_checkpoint(tmp_path):
     with Checkpointer(tmp_path / "warm" / "checkpoints") as checkpointer:
         trainer.save(checkpointer)
     with pytest.raises(FileNotFoundError, match=r"base not found: the run.s base is not config.checkpoint.s"):
-        export.export(config, tmp_path / "warm", tmp_path / "warm-out")
+        experiment.export(config, tmp_path / "warm", tmp_path / "warm-out")

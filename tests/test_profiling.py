@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from grpo_jax import profiling
+from grpo_jax.config import GRPOConfig
 from grpo_jax.models import ModelConfig
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_layers=3, num_heads=4,
@@ -57,3 +58,17 @@ def test_decode_shapes_of_smollm2_give_its_published_parameter_count(rows):
     norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
     assert weights + norms == cfg.num_params()
     np.testing.assert_allclose(2 * rows * weights, rows * 2 * 134.5e6, rtol=0.01)
+
+
+def test_bench_config_is_the_benches_work_with_the_sections_given():
+    """The benches' shared GRPOConfig: their work in its fields, extra sampling fields and whole sections
+    added; their model and reward."""
+    cfg = profiling.bench_config(8, 4, 16, 32, 2, sampling=dict(vocab_limit=100), loss=dict(beta=0.04))
+    s = cfg.sampling
+    assert (cfg.rollout.num_prompts, s.group_size, s.buckets, s.max_new_tokens,
+            cfg.updates.grad_accum_steps) == (8, 4, (16,), 32, 2)
+    assert (s.vocab_limit, cfg.loss.beta, cfg.optimizer.learning_rate) == (100, 0.04, 1e-5)
+    assert profiling.bench_config(8, 4, 16, 32, 2).loss.beta == GRPOConfig().loss.beta  # a default
+    assert profiling.tiny_model_config().num_layers == 4
+    assert profiling.tiny_model_config(num_layers=2).num_layers == 2
+    np.testing.assert_array_equal(profiling.bench_reward(None, ["ab", "abc", "abcd"]), [2, 0, 1])

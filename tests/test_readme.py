@@ -126,7 +126,7 @@ def test_every_config_path_and_flag_named_in_readme_exists():
     fields = set(config_fields()) | TOKENIZER_PATHS
     known = fields | {p.rsplit(".", k)[0] for p in fields for k in range(1, p.count("."))}  # + sections
     script_flags = set()
-    for script in (ROOT / "experiments").glob("*.py"):
+    for script in (*(ROOT / "experiments").glob("*.py"), *(ROOT / "experiments" / "benchmarks").glob("*.py")):
         script_flags |= set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", script.read_text(encoding="utf-8")))
     wrong = []
     for span in re.findall(r"`([^`]+)`", text):
@@ -357,6 +357,10 @@ def exercise_timed_benches(commands: list[str], session: Session) -> None:
     parse_flags(commands, "assert callable(script.get('bench_' + FLAGS.bench)), FLAGS.bench")
 
 
+def exercise_bench_scripts(commands: list[str], session: Session) -> None:
+    parse_flags(commands, "assert callable(script.get('main'))")
+
+
 def exercise_robustness(commands: list[str], session: Session) -> None:
     parse_flags(commands, "assert set(FLAGS.modes) <= set(script['MODES']); [int(s) for s in FLAGS.seeds]")
     shortened_run_exists("test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_them",
@@ -370,8 +374,11 @@ def exercise_compare(commands: list[str], session: Session) -> None:
 
 
 def exercise_memory_bench(commands: list[str], session: Session) -> None:
-    parse_flags(commands, "assert FLAGS.bench == 'memory' and 'bench_memory' in script")
-    assert "def test_" in (ROOT / "tests" / "test_benchmark_memory.py").read_text(encoding="utf-8")
+    parse_flags(commands, "assert callable(script.get('main')) and set(FLAGS.models) <= "
+                          "set(script['QWEN2_5']) and "
+                          "script['memory_report'].__module__ == 'grpo_jax.profiling'")
+    test = (ROOT / "tests" / "test_benchmark_memory.py").read_text(encoding="utf-8")
+    assert "def test_" in test and "profiling.memory_report(" in test
 
 
 def exercise_lora(commands: list[str], session: Session) -> None:
@@ -446,12 +453,12 @@ COMMANDS = (
     Row("evaluate", r"python experiments/evaluate\.py .*",
         "run on the shortened main run's workdir with its overrides, on 4 problems x 2 samples",
         exercise_evaluate),
-    Row("bench-logprobs", r"python experiments/benchmark\.py --bench=logprobs_memory( .*)?",
+    Row("bench-logprobs", r"python experiments/benchmarks/logprobs_memory\.py( .*)?",
         "run with the README's flags at toy sizes (V=512, 64 tokens, D=32)", exercise_logprobs_bench),
     Row("bench-timed",
-        r"python experiments/benchmark\.py --bench=(sampling|grpo_iteration|train_step|turns)( .*)?",
-        "minutes at their fixed sizes: the README's flags are parsed by benchmark.py's own flags and the "
-        "bench exists", exercise_timed_benches),
+        r"python experiments/benchmarks/(sampling|grpo_iteration|train_step|turns)\.py( .*)?",
+        "minutes at their fixed sizes: the README's flags are parsed by the bench script's own flags and it "
+        "has a main()", exercise_bench_scripts),
     Row("bench-smollm2", r"python experiments/bench_smollm2\.py --bench=(sampler|iteration|compile)( .*)?",
         "minutes at SmolLM2's size, with a torch environment for the peers: the README's flags are parsed by "
         "bench_smollm2.py's own flags and the bench exists; its measuring tools are tests/test_profiling.py",
@@ -462,9 +469,10 @@ COMMANDS = (
     Row("compare", r"python experiments/compare_grpo_ppo\.py .*",
         "flags (and the config file) parsed by compare_grpo_ppo.py's own flags; a shortened run is "
         "tests/test_experiments.py::test_compare_grpo_ppo_tabulates_...", exercise_compare),
-    Row("bench-memory", r"python experiments/benchmark\.py --bench=memory( .*)?",
-        "minutes at Qwen2.5 sizes: the flags are parsed by benchmark.py's own flags; the bench itself runs "
-        "at a tiny shape in tests/test_benchmark_memory.py", exercise_memory_bench),
+    Row("bench-memory", r"python experiments/benchmarks/memory\.py( .*)?",
+        "minutes at Qwen2.5 sizes: the flags are parsed by memory.py's own flags; its report, "
+        "grpo_jax.profiling.memory_report, runs at a tiny shape in tests/test_benchmark_memory.py",
+        exercise_memory_bench),
     Row("lora", r"python experiments/train_grpo\.py --config=experiments/configs/arithmetic_tiny\.py "
         r"--workdir=\S+ --config\.lora\.rank=.*",
         "flags parsed by train_grpo.py's own flags; a shortened run (60 steps, stopped and resumed) is "

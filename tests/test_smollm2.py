@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from configs_for_tests import shipped_config  # noqa: E402
 
-import train_grpo  # noqa: E402
-from configs import smollm2_multiply  # noqa: E402
-
+from grpo_jax import experiment  # noqa: E402
 from grpo_jax.models import (  # noqa: E402
     config_from_gguf,
     forward_logits,
@@ -151,13 +149,12 @@ def test_main_command_trains_smollm2_from_the_gguf(tmp_path):
     assert "eval/greedy_accuracy" not in records[0]
     assert records[1]["eval/greedy_accuracy"] == accuracy["end"]
 
-    cfg = smollm2_multiply.get_config()
-    cfg.unlock()
+    cfg = shipped_config("smollm2_multiply")
     cfg.mesh_shape = "-1,1,1"
     for key, value in overrides.items():
         section, _, field = key.rpartition(".")
         (cfg[section] if section else cfg)[field] = str(value) if key == "checkpoint" else value
-    trained, _, step, _ = train_grpo.load_run(cfg, tmp_path)
+    trained, _, step, _ = experiment.load_run(cfg, tmp_path)
     before = load_pretrained(GGUF)
     assert step == 2
     for name in ("q", "k", "v", "o"):

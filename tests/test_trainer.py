@@ -281,10 +281,12 @@ def test_one_step_off_trains_each_step_on_the_rollout_the_previous_params_sample
     # Without prefetch nothing is sampled ahead: the next step samples its own rollout from current params.
     off.iteration(prefetch=False)
     assert off.iteration()["rollout_staleness"] == 0
-    position = off.data_position
-    off.drain()  # drops the rollout sampled ahead for step 5, with the examples it took
-    assert off.data_position == position - FIELDS["num_prompts"]
+    position = off.data_position  # past step 4's prompts only: step 5's are taken when it trains on them
+    off.drain()  # drops the rollout sampled ahead for step 5
+    assert off.data_position == position == 4 * FIELDS["num_prompts"]
     assert off.iteration()["rollout_staleness"] == 0
+    assert [e["id"] for e in off.last_rollout.examples] == [
+        e["id"] for e in off.examples_at(position, FIELDS["num_prompts"])]
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups():

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.template = "plain"  # plain | r1_zero | chat
     config.tokenizer = "char"  # "char" or a Hugging Face model directory
     config.max_prompt_tokens = 32
-    config.rewards = (("accuracy", 1.0),)  # (name, weight); names: see experiments/train_grpo.py REWARDS
+    config.rewards = (("accuracy", 1.0),)  # (name, weight); names: grpo_jax/experiment.py REWARDS
     config.tools = ()  # tools the policy may call in multi-turn episodes (config.env), e.g. ("calculator",)
 
     # A randomly initialised ModelConfig(**config.model); with config.checkpoint (a Hugging Face directory),

@@ -8,7 +8,7 @@ r"""Countdown (TinyZero) with GRPO from a Qwen2.5 base model, for one TPU/GPU ho
 with + - * / using each of 3 numbers once. The R1-Zero template asks for <think>...</think> then the equation
 in <answer>...</answer>; the reward is TinyZero's: 1 for a correct equation, plus a small format reward.
 
-One chip (experiments/benchmark.py --bench=memory at GSM8K's batch, bfloat16 params, --config.lora.rank=16,
+One chip (experiments/benchmarks/memory.py at GSM8K's batch, bfloat16 params, --config.lora.rank=16,
 16-row microbatches through --config.updates.grad_accum_steps): Qwen2.5-1.5B peaks near 15.8 GiB (at the edge
 of a 16 GiB TPU v5e, within a 24 GiB GPU), 7B near 65 GiB; 3B was not measured and lies between. Larger
 models: shard over a host's chips (--config.mesh_shape=1,-1,1).

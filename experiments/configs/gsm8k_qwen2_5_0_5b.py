@@ -9,8 +9,8 @@ tokenizer_config.json); nothing is downloaded. GSM8K comes from tensorflow-datas
 <think>...</think><answer>...</answer>, asked for in the system prompt; the reward is accuracy plus a small
 format reward. Multi-device: --config.mesh_shape=1,-1,1 shards params and optimizer state FSDP-style.
 
-One chip, with bfloat16 params (--config.model.param_dtype=bfloat16; experiments/benchmark.py
---bench=memory, README "LoRA"; compiled on CPU, which overestimates):
+One chip, with bfloat16 params (--config.model.param_dtype=bfloat16; experiments/benchmarks/memory.py,
+README "LoRA"; compiled on CPU, which overestimates):
   16 GiB TPU v5e: --config.updates.grad_accum_steps=16 (16-row microbatches) peaks near 11.4 GiB for full
     fine-tuning, 7.0 GiB with --config.lora.rank=16; Qwen2.5-1.5B fits only with LoRA there (15.8 GiB).
   24 GiB GPU: full fine-tuning also fits with the shipped grad_accum_steps=4 (19.0 GiB).
