@@ -115,6 +115,7 @@ def test_dr_grpo_scales_linearly(rewards, factor):
         np.testing.assert_allclose(scaled, factor * base, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @given(st.floats(-1e6, 1e6, allow_subnormal=False), st.integers(1, 8), st.integers(1, 4),
        st.sampled_from(["grpo", "rloo"]), st.sampled_from(["group", "batch", "none"]))
 def test_zero_variance_groups_give_exact_zero(value, group_size, num_groups, estimator, scale):
@@ -183,6 +184,7 @@ def test_process_advantages_worked_example():
     np.testing.assert_allclose(got, [[0, 0, -s, -s, 0], [0, 0, 0, 0, 0]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_under_jit_vmap_and_grad():
     rewards = jnp.asarray(random_rewards(np.random.default_rng(3)))
     eager = group_advantages(rewards, 4)

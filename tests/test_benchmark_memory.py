@@ -29,6 +29,7 @@ def reports():
             for rank in (0, RANK)}
 
 
+@pytest.mark.slow
 def test_trainable_bytes_are_the_analytic_counts_and_the_reference_is_a_copy_only_without_lora(reports):
     full, lora = reports[0], reports[RANK]
     # By hand: every targeted kernel [in, out] gets A [in, r] and B [r, out].
@@ -59,6 +60,7 @@ def test_the_lora_step_compiles_smaller_than_full_fine_tuning(reports):
     assert lora["step"]["arguments"] < full["step"]["arguments"]
 
 
+@pytest.mark.slow
 def test_depth_extrapolation_is_exact_for_what_is_linear_in_depth():
     """The step's arguments (state + minibatch) extrapolated from 1 and 2 layers are a 3-layer model's."""
     model = ModelConfig(**{**MODEL.__dict__, "num_layers": 3})
@@ -69,6 +71,7 @@ def test_depth_extrapolation_is_exact_for_what_is_linear_in_depth():
     assert 0 <= tree_bytes(state) - report["step"]["aliased"] <= 1  # the donated state
 
 
+@pytest.mark.slow
 def test_qlora_stores_the_targeted_kernels_as_int8_with_a_scale_per_column():
     q, plain = (profiling.memory_report(MODEL, cfg, prompt_tokens=8, depths=None)
                 for cfg in (grpo(RANK, "int8"), grpo(RANK)))

@@ -73,6 +73,7 @@ def summary(printed: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in match.group(1).split())
 
 
+@pytest.mark.slow
 def test_quickstart_trains_with_grpo_and_changes_the_answers(kernel_manager_class):
     notebook, printed = execute("grpo_quickstart.ipynb", kernel_manager_class)
     assert "backend: cpu" in printed and "size tiny" in printed
@@ -92,6 +93,7 @@ def test_quickstart_trains_with_grpo_and_changes_the_answers(kernel_manager_clas
     assert float(tools["turns"]) >= 1 and float(tools["rollout_kl"]) < 1e-5, tools
 
 
+@pytest.mark.slow
 def test_losses_notebook_compares_every_variant_on_one_batch(kernel_manager_class):
     _, printed = execute("losses_in_your_code.ipynb", kernel_manager_class)
     values = summary(printed)

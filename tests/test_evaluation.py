@@ -178,6 +178,7 @@ def test_evaluate_on_a_tiny_model_matches_a_hand_recomputation():
     assert len(texts) == 8 and np.mean(right) == pytest.approx(metrics["greedy_accuracy"])
 
 
+@pytest.mark.slow
 def test_evaluate_script_reads_the_training_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as for a user
     config = f"--config={ROOT / 'experiments' / 'configs' / 'arithmetic_tiny.py'}"

@@ -39,6 +39,7 @@ def test_default_config_builds_a_trainer():
     assert list(rewards) == [0.0, 1.0] and "accuracy" in metrics
 
 
+@pytest.mark.slow
 def test_warm_start_trains_the_model_before_grpo(capsys, tmp_path):
     overrides = {"warm_start.steps": 3, "warm_start.eval_every": 1, "warm_start.threshold": 0.0,
                  "eval_examples": 8}
@@ -76,6 +77,7 @@ def test_inconsistent_configs_fail_fast(overrides, message):
         experiment.build(config(**overrides))
 
 
+@pytest.mark.slow
 def test_init_perturbation_moves_every_initial_param_by_about_its_scale():
     plain = jax.tree.leaves(experiment.build(config()).state.params)
     moved = jax.tree.leaves(experiment.build(config(init_perturbation=1e-6)).state.params)
@@ -84,6 +86,7 @@ def test_init_perturbation_moves_every_initial_param_by_about_its_scale():
         assert 0 < diff.max() < 1e-5 and np.std(np.asarray(b) - np.asarray(a)) == pytest.approx(1e-6, rel=0.5)
 
 
+@pytest.mark.slow
 def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_them(tmp_path):
     short = ["config.num_steps=2", "config.warm_start.steps=4", "config.warm_start.eval_every=2",
              "config.eval_examples=8", "config.rollout.num_prompts=4", "config.sample_every=0"]
@@ -105,6 +108,7 @@ def test_robustness_runs_each_seed_and_mode_as_its_own_process_and_tabulates_the
     assert "lift: median" in table and "one_core" in table.splitlines()[1]  # the roofline per mode
 
 
+@pytest.mark.slow
 def test_compare_grpo_ppo_tabulates_both_algorithms_from_one_warm_start(tmp_path):
     short = ["--config.num_steps=2", "--config.warm_start.steps=3", "--config.warm_start.eval_every=3",
              "--config.eval_examples=8", "--config.rollout.num_prompts=4",
@@ -140,6 +144,7 @@ def jsonl_config(tmp_path, **paths):
     return cfg
 
 
+@pytest.mark.slow
 def test_jsonl_task_trains_on_its_train_file_and_evaluates_on_its_test_file(tmp_path):
     cfg = jsonl_config(tmp_path)
     trainer = experiment.build(cfg)
@@ -153,6 +158,7 @@ def test_jsonl_task_trains_on_its_train_file_and_evaluates_on_its_test_file(tmp_
         experiment.build(jsonl_config(tmp_path, test_path=""))
 
 
+@pytest.mark.slow
 def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "train_grpo.py"),
@@ -168,6 +174,7 @@ def test_short_run_writes_metrics_checkpoints_and_plots(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_calculator_config_trains_on_tool_episodes_and_resumes(tmp_path):
     """The multi-turn calculator config, shortened: a warm start on demonstrations with and without the
     tool, two GRPO steps over two-turn episodes (stopped after one and resumed), the held-out greedy
@@ -199,6 +206,7 @@ def test_calculator_config_trains_on_tool_episodes_and_resumes(tmp_path):
     assert json.loads((tmp_path / "eval_test.json").read_text())["num_examples"] == 3
 
 
+@pytest.mark.slow
 def test_default_run_learns(tmp_path):
     """README's main command as shipped (seed 0, the warm start and all 400 GRPO steps): the held-out greedy
     accuracy on 500 test problems rises by at least 30 points (issue 10's bar for every run), and the
@@ -231,6 +239,7 @@ LORA_RUN = ("--config.lora.rank=16", "--config.lora.alpha=32", "--config.optimiz
             "--config.num_steps=60", "--config.eval_examples=200", "--config.sample_every=0")
 
 
+@pytest.mark.slow
 def test_the_default_task_learns_with_lora_and_resumes_on_its_saved_base(tmp_path):
     """The main command with rank-16 LoRA adapters, shortened to 60 GRPO steps, stopped after 30 and
     resumed (the resumed run reads the warm-started base from <workdir>/base): held-out greedy accuracy on
@@ -291,6 +300,8 @@ GSM8K_RECORDS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("module, rewards, prompt_text", [
     ("countdown_qwen", ("reward/equation", "reward/format"), "Using the numbers"),
     ("gsm8k_qwen2_5_0_5b", ("reward/accuracy", "reward/format"), "<|im_start|>system"),

@@ -37,6 +37,7 @@ def flat(model):
         nnx.split(model)[1])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_f32_round_trip_is_exact_and_keeps_config_and_tokenizer(tmp_path, arch):
     model = tiny(arch)
@@ -189,6 +190,7 @@ def test_a_vocabulary_that_is_not_the_models_is_refused(tmp_path):
         load_gguf_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_export_py_writes_a_runs_policy_as_gguf(tmp_path):
     """A run that started from a GGUF (its tokenizer and chat template from the file) exports as a Q8_0
     GGUF: the weights of the run's checkpoint quantized, the same tokenizer and template, readable again."""

@@ -23,6 +23,7 @@ def inputs(seed, batch=3, length=11, dim=16, vocab=97, scale=1.0, dtype=jnp.floa
     return hidden, unembedding, targets, weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 33, 4096])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 def test_values_match_naive(chunk_size, temperature):

@@ -31,6 +31,7 @@ def test_adapters_start_as_the_base_model_and_cover_exactly_the_targets():
         np.testing.assert_array_equal(a, b)  # B = 0: the adapted policy is the base, exactly
 
 
+@pytest.mark.slow
 def test_the_adapter_gradient_is_the_full_gradient_restricted_to_the_adapters():
     """d/dA and d/dB of the loss through W + s A B equal s G B^T and s A^T G, G = dLoss/dW at the merged
     weights: a LoRA update is the full update projected onto the adapters."""
@@ -61,6 +62,7 @@ def test_the_adapter_gradient_is_the_full_gradient_restricted_to_the_adapters():
         np.testing.assert_allclose(grads["b"], cfg.scale * a.T @ g, rtol=2e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_under_lora_the_reference_is_the_frozen_base_with_no_copy_and_sampling_uses_the_adapted_weights():
     trainer = make_trainer(beta=0.04, mu=2, num_minibatches=2, learning_rate=3e-2, **LORA)
     untrained = nnx.split(Transformer(MODEL, nnx.Rngs(0)))[1]
@@ -87,6 +89,7 @@ def test_under_lora_the_reference_is_the_frozen_base_with_no_copy_and_sampling_u
     np.testing.assert_array_equal(policy["embed"][...], untrained["embed"][...])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["", "int8"])
 def test_a_lora_checkpoint_holds_the_adapters_alone_and_resumes_exactly(tmp_path, quantize):
     lora_fields = {**LORA, "quantize": quantize}
@@ -117,6 +120,7 @@ def test_lora_config_errors_name_the_field(fields, message):
         lora.LoRAConfig(**fields)
 
 
+@pytest.mark.slow
 def test_qlora_holds_the_base_as_int8_its_reference_is_the_dequantized_base_and_it_trains():
     trainer = make_trainer(beta=0.04, learning_rate=3e-2, quantize="int8", **LORA)
     plain = make_trainer(beta=0.04, learning_rate=3e-2, **LORA)

@@ -53,6 +53,7 @@ def tokens(seed: int, vocab: int = 128):
 # ----------------------------------------------------------------------------- merged export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, cfg", [
     ("llama", lora.LoRAConfig(rank=4, alpha=8.0)),
     ("qwen2", lora.LoRAConfig(rank=2, alpha=5.0, targets=("q", "v", "down"))),
@@ -99,6 +100,7 @@ def test_merged_export_matches_the_stored_transformers_logits(case, tmp_path):
     assert np.abs(ref["logits"] - ref["base_logits"]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_live_merged_export_loads_in_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -270,6 +272,7 @@ def even_share(examples, completions):
     return np.array([np.mean(np.asarray(c) % 2 == 0) if c else 0.0 for c in completions], np.float32)
 
 
+@pytest.mark.slow
 def test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters(run_model, tmp_path):
     config = run_config(**{"lora.rank": 4, "lora.alpha": 8.0})
     trainer = experiment.build(config, model=run_model)
@@ -329,6 +332,7 @@ def test_export_py_writes_a_full_fine_tuning_runs_params(run_model, tmp_path):
         experiment.export(config, tmp_path / "elsewhere", tmp_path / "adapters")
 
 
+@pytest.mark.slow
 def test_export_py_applies_a_lora_runs_adapters_to_config_checkpoint(tmp_path):
     """A run from a Hugging Face checkpoint: its base is config.checkpoint (no <workdir>/base), the adapters
     name it as their base model, and the tokenizer files travel with the export."""

@@ -145,6 +145,7 @@ POLICY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token_advantages", [False, True])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("options", POLICY_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))

@@ -339,6 +339,7 @@ def read_offline_wandb_records(run_file):
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_the_logged_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     for variable in WANDB_VARIABLES:

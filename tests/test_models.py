@@ -145,6 +145,7 @@ LIVE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LIVE_CASES))
 def test_live_parity_with_transformers(case, tmp_path):
     """transformers -> load_hf_checkpoint and save_hf_checkpoint -> transformers give the same logits."""
@@ -521,6 +522,7 @@ def test_config_validation_names_the_field(overrides, field):
 # ----------------------------------------------------------------------------- KV cache and shared prefix
 
 
+@pytest.mark.slow
 def test_cache_decode_matches_full_forward():
     """Prefill a left-padded batch with the plain forward, then decode 1, 1 and 2 tokens per call through the
     cache: every step's hidden states and the final cache equal the full-sequence forward."""
@@ -571,6 +573,7 @@ def test_cache_decode_matches_full_forward():
         np.testing.assert_allclose(layer.v, kv.v, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_prefix_matches_full_forward():
     """N prompts x G continuations against a shared prefix == the concatenated rows: values and gradients."""
     model = small_model(seed=5, qk_norm=True, qkv_bias=True)
@@ -612,6 +615,7 @@ def test_shared_prefix_matches_full_forward():
 # ----------------------------------------------------------------------------- remat, dtypes, axis names
 
 
+@pytest.mark.slow
 def test_remat_gives_identical_logits_and_gradients():
     tokens, mask = left_padded(6, [7, 4], 7)
     weights = np.random.default_rng(7).standard_normal((2, 7, SMALL["vocab_size"]), np.float32)
@@ -633,6 +637,7 @@ def test_remat_gives_identical_logits_and_gradients():
         np.testing.assert_allclose(got[path], value, rtol=1e-6, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("param_dtype", ["bfloat16", "float32"])
 def test_bfloat16_compute_stays_close_to_float32(param_dtype):
     low = small_model(seed=7, qkv_bias=True, qk_norm=True, param_dtype=param_dtype, dtype="bfloat16")

@@ -79,6 +79,7 @@ def random_envs():
     return lambda: RandomEnv(next(counter))
 
 
+@pytest.mark.slow
 def test_the_loss_mask_is_exactly_the_policy_tokens_and_the_observations_are_read():
     env = EnvConfig(max_turns=4, max_observation_tokens=12, observation_template=TEMPLATE)
     observe = Observations(TOKENIZER, TEMPLATE, 12)
@@ -125,6 +126,7 @@ class AlwaysContinue:
         return "OK", 0.0, False
 
 
+@pytest.mark.slow
 def test_sampled_tokens_are_never_re_encoded_and_train_with_the_samplers_log_probs():
     tokenizer = LowercasingTokenizer()
     env = EnvConfig(max_turns=3, max_observation_tokens=12, observation_template=TEMPLATE)
@@ -163,6 +165,7 @@ def make_config(max_turns=3, observation_tokens=10, **fields):
         **fields))
 
 
+@pytest.mark.slow
 def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
     trainer = Trainer(model(), make_config(), examples(16), None,
                       episodes=EpisodeSampler(random_envs(), TOKENIZER))
@@ -177,6 +180,7 @@ def test_a_trainer_iteration_over_episodes_has_no_rollout_training_mismatch():
     assert (np.asarray(rollout.sample.sequence_mask).sum() > rollout.mask.sum())
 
 
+@pytest.mark.slow
 def test_observation_tokens_get_no_gradient():
     # With the TIS correction the sampler's log-probs weight every token of the loss: changing them on the
     # observation tokens changes nothing; on the policy's tokens it changes the gradient.
@@ -281,6 +285,7 @@ class FailingToolEnv(ToolEnv):
         return super().step(completion)
 
 
+@pytest.mark.slow
 def test_a_run_goes_on_after_tool_errors():
     env = lambda: FailingToolEnv([raising], tool_format="pythonic")  # noqa: E731
     trainer = Trainer(model(), make_config(max_turns=2, observation_tokens=64),
@@ -309,6 +314,7 @@ def test_observations_use_the_chat_templates_tool_turn_after_the_stop_token():
         Observations(TOKENIZER, TEMPLATE, 5)
 
 
+@pytest.mark.slow
 def test_greedy_evaluation_counts_tool_calls_and_accuracy():
     class Scripted:
         def reset(self, example):
@@ -333,6 +339,7 @@ def test_row_buckets_bound_the_shapes_of_later_turns():
     assert [row_bucket(r, 24, shards=8) for r in (1, 9, 17)] == [8, 16, 24]
 
 
+@pytest.mark.slow
 def test_multi_turn_demonstrations_train_on_the_policy_tokens_only():
     policy = model()
     graphdef, params = nnx.split(policy)
@@ -368,6 +375,7 @@ def test_a_multi_turn_config_needs_an_environment():
         Trainer(model(), make_config(), examples(16), lambda e, c: np.zeros(len(c)))
 
 
+@pytest.mark.slow
 def test_an_episode_reward_fn_sees_the_turn_rewards_and_replaces_their_sum():
     def last_turn_twice(examples, episodes):
         assert len(examples) == len(episodes) == 8 and all("prompt_tokens" in e for e in examples)
@@ -384,6 +392,7 @@ def test_an_episode_reward_fn_sees_the_turn_rewards_and_replaces_their_sum():
             model(), examples(2), jax.random.key(3), sampling(), env)
 
 
+@pytest.mark.slow
 def test_a_batch_of_short_episodes_trains_at_their_width_with_the_same_update():
     from grpo_jax.trainer import episode_width
 

@@ -97,6 +97,7 @@ def ref_value_loss(values, old_values, returns, mask, clip_range):
     return np.mean(0.5 * np.maximum(error, clipped))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_range", [None, 0.2, 1.0])
 def test_value_loss_equals_the_clipped_formula_and_its_gradient_stops_where_clipped(clip_range):
     rng = np.random.default_rng(1)
@@ -164,6 +165,7 @@ def ppo_trainer(**overrides):
     return make_trainer(**{"algo": "ppo", **overrides})
 
 
+@pytest.mark.slow
 def test_ppo_learns_the_toy_task_and_its_critic_tracks_the_returns():
     trainer = ppo_trainer(learning_rate=1e-2)
     metrics = [trainer.iteration() for _ in range(12)]
@@ -186,6 +188,7 @@ def test_the_critic_starts_as_a_copy_of_the_policy_with_a_zero_head():
     assert make_grpo().state.critic is None
 
 
+@pytest.mark.slow
 def test_the_critics_values_are_computed_in_the_updates_microbatches():
     """ppo_targets runs the critic over `parts` parts of whole groups (memory of one part): the same values
     as one pass, and the compiled program holds less temporary memory."""
@@ -230,6 +233,7 @@ def run_ppo(**overrides):
     return np.concatenate([np.ravel(x) for x in leaves]), metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value", [
     ("gamma", 0.5), ("gae_lambda", 0.2), ("value_coef", 2.0), ("value_clip", 1e-4),
     ("critic_learning_rate", 1e-1), ("kl_in_reward", True), ("whiten_advantages", False)])

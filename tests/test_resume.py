@@ -76,6 +76,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_change(tmp_path, firs
     assert second.step == 0  # nothing was restored or trained
 
 
+@pytest.mark.slow
 def test_a_finished_run_can_be_extended_and_its_schedule_follows_the_new_total(tmp_path):
     finished = trainer(num_steps=2)
     run(finished, tmp_path, 2)
@@ -93,6 +94,7 @@ def test_a_finished_run_can_be_extended_and_its_schedule_follows_the_new_total(t
     assert Checkpointer(tmp_path / "checkpoints").metadata()["config"]["num_steps"] == 4
 
 
+@pytest.mark.slow
 def test_a_broken_latest_checkpoint_resumes_from_the_previous_step_and_ends_like_a_straight_run(tmp_path):
     straight = trainer(num_steps=3)
     run(straight, tmp_path / "straight", 3)
@@ -109,6 +111,7 @@ def test_a_broken_latest_checkpoint_resumes_from_the_previous_step_and_ends_like
         np.testing.assert_array_equal(params_of(resumed)[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_run_and_no_key_is_used_twice(tmp_path):
     histories, params = [], []
     for attempt in range(2):

@@ -51,6 +51,7 @@ VARIANTS = {"ppo": ("--algo", "ppo"), "lora": ("--lora_rank", "4"),
             "multi_turn": ("--multi_turn",)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))  # GRPO: the main command's kill trials below
 def test_resume_after_sigkill_is_exact(tmp_path, variant):
     steps = 6 if variant == "one_step_off" else 4
@@ -93,6 +94,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_agree(tmp_path):
     # Training FSDP-sharded over both processes' devices, sampling data-parallel with whole params. A larger
     # Adam eps keeps the first update a continuous function of the gradient (see test_trainer's sharded
@@ -166,6 +168,7 @@ def _flat(tree, prefix=""):
         yield prefix, tree
 
 
+@pytest.mark.slow
 def test_the_main_command_killed_at_random_points_resumes_to_the_uninterrupted_result(tmp_path):
     """kill -9 during the first save after the warm start, during a later save, and at a random step of
     training (seeded draws); each time the same command, run again, ends with the uninterrupted run's

@@ -61,6 +61,7 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(model):
     assert bool(out.truncated.all()) and bool(out.mask.all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_recomputed_logprobs(model, temperature):
     cfg = SamplingConfig(max_new_tokens=50, group_size=3, temperature=temperature, stop_tokens=(7,))
@@ -120,6 +121,7 @@ def test_filters_only_emit_tokens_inside_their_sets(model, filters):
     assert len(distinct) > 2 * len(PROMPTS) * cfg.max_new_tokens // 3
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_sequences_and_the_mask(model):
     stops = (3, 17, 30)
     cfg = SamplingConfig(max_new_tokens=16, group_size=8, temperature=1.5, stop_tokens=stops, pad_id=0)
@@ -154,6 +156,7 @@ def test_samples_differ_within_group_and_across_keys(model):
         assert len({tuple(row) for row in group}) == 4
 
 
+@pytest.mark.slow
 def test_compilations_bounded_by_buckets(model):
     buckets = (4, 8, 16)
     cfg = SamplingConfig(max_new_tokens=4, group_size=2, buckets=buckets)
@@ -173,6 +176,7 @@ def test_compilations_bounded_by_buckets(model):
     assert 1 <= len(compiles) <= len(buckets)
 
 
+@pytest.mark.slow
 def test_batch_sharded_over_a_mesh_gives_the_same_samples(model):
     mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     prompts = PROMPTS * 2  # 8 prompts over 8 data shards
@@ -203,6 +207,7 @@ def test_errors_name_the_field(model):
         sample(model, [[1, 2], []], jax.random.PRNGKey(0), SamplingConfig(max_new_tokens=4))
 
 
+@pytest.mark.slow
 def test_vocab_limit_keeps_samples_inside_the_tokenizer(model):
     limit = VOCAB // 2
     free = sample(model, PROMPTS, jax.random.PRNGKey(8), SamplingConfig(max_new_tokens=8, group_size=8))
@@ -213,6 +218,7 @@ def test_vocab_limit_keeps_samples_inside_the_tokenizer(model):
         assert int(out.tokens.max()) < limit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", [7, 256, 1000])
 def test_draw_follows_the_softmax_and_never_draws_zero_probability_ids(vocab):
     """The inverse-CDF draw against its distribution: a chi-square test over 200k draws (vocabularies

@@ -35,6 +35,7 @@ def greedy_accuracy(model, examples):
                           for t, e in zip(texts, examples, strict=True)]))
 
 
+@pytest.mark.slow
 def test_warm_start_learns_one_digit_addition():
     train = dataset("train")
     held_out = [train[i] for i in range(48)]  # 1-digit sums: the point is fitting, not generalising
@@ -56,6 +57,7 @@ def test_errors():
         warm_start(Transformer(MODEL, nnx.Rngs(0)), dataset("train"), target, steps=1, threshold=0.5)
 
 
+@pytest.mark.slow
 def test_ema_returns_and_evaluates_the_moving_average_of_the_params():
     train = dataset("train")
 

@@ -64,6 +64,7 @@ def test_config_comes_from_the_gguf_metadata():
     assert cfg.num_params() == 134_515_008
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_equal_transformers_on_hostile_text_and_round_trip(tokenizer):
     assert isinstance(tokenizer, HFTokenizer)
     assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id) == (49152, 2, 2, 1)
@@ -81,6 +82,7 @@ def test_chat_template_renders_as_transformers_does(tokenizer):
         assert tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) == text
 
 
+@pytest.mark.slow
 def test_logits_equal_transformers(tokenizer, model):
     """Float32 next-token logits of four chat prompts against transformers' (same dequantized weights):
     measured max abs difference 1.2e-4 on logits of magnitude ~40 (float32 summation order over 30
@@ -93,6 +95,7 @@ def test_logits_equal_transformers(tokenizer, model):
         assert got.argmax() == expected.argmax()
 
 
+@pytest.mark.slow
 def test_greedy_completions_equal_transformers(tokenizer, model):
     """32 chat prompts, 32 greedy tokens each (or up to <|im_end|>), decoded by grpo_jax's sampler: the
     same tokens as transformers' generate. A divergence is tolerated only at a near tie of the reference
@@ -115,6 +118,7 @@ def test_greedy_completions_equal_transformers(tokenizer, model):
     assert identical >= 30
 
 
+@pytest.mark.slow
 def test_main_command_trains_smollm2_from_the_gguf(tmp_path):
     """A few GRPO steps of the shipped config at test sizes, as the README's command runs it (its own
     process, one CPU device): the GGUF's tokenizer and chat template, finite metrics, every weight matrix
@@ -174,6 +178,7 @@ def transformers_model(path: pathlib.Path):
     return torch, model.eval()
 
 
+@pytest.mark.slow
 def test_live_logits_equal_transformers(tokenizer, model):
     torch, theirs = transformers_model(GGUF)
     for text in REFERENCE["chat_texts"][:8]:
@@ -185,6 +190,7 @@ def test_live_logits_equal_transformers(tokenizer, model):
         np.testing.assert_allclose(got, expected, rtol=0, atol=3e-4)
 
 
+@pytest.mark.slow
 def test_exported_gguf_reads_back_in_transformers_as_in_grpo_jax(tmp_path, tokenizer, model):
     """The F16 GGUF grpo_jax writes is read by another implementation (transformers' GGUF loader) into
     the same model: the same logits as grpo_jax's reading of it, and the F16 rounding of the original's."""

@@ -63,6 +63,7 @@ def make_trainer(mesh=None, model_seed=0, reward_fn=reward_fraction_of_target, d
 # ----------------------------------------------------------------------------- shared prefix
 
 
+@pytest.mark.slow
 def test_shared_prefix_logprobs_and_gradients_equal_full_forward():
     model = Transformer(MODEL, nnx.Rngs(1))
     rng = np.random.default_rng(1)
@@ -111,6 +112,7 @@ def with_mask(rollout, mask):
     return rollout._replace(mask=mask, sample=rollout.sample._replace(mask=jnp.asarray(mask)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_train_step_equals_single_device(mesh_shape):
     # Adam's first step is lr * g / (|g| + eps): with the default eps, float32 reduction-order noise in a
@@ -137,6 +139,7 @@ def test_sharded_train_step_equals_single_device(mesh_shape):
     assert kernel.addressable_shards[0].data.shape == (32 // mesh_shape[1], 64 // mesh_shape[2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_gradient_accumulation_equals_the_whole_minibatch(aggregation):
     """Microbatches with unequal token counts (and an empty row) weighted by their share of the aggregation's
@@ -173,6 +176,7 @@ def test_split_groups_is_strided_and_merge_groups_inverts_it():
     np.testing.assert_array_equal(merge_groups(parts, 3), x)
 
 
+@pytest.mark.slow
 def test_microbatches_are_split_without_moving_data_between_devices():
     """On a data-parallel mesh every device holds its share of each microbatch: the compiled train step
     only all-reduces (gradients, metrics), it never gathers or permutes the batch."""
@@ -184,6 +188,7 @@ def test_microbatches_are_split_without_moving_data_between_devices():
         assert collective not in hlo, collective
 
 
+@pytest.mark.slow
 def test_rollout_mesh_samples_on_its_own_layout_with_the_same_results():
     """Training on one device, sampling data-parallel over eight: the same completions and updates as
     sampling where training runs, and the sampled policy really is laid out on the rollout mesh."""
@@ -209,6 +214,7 @@ def test_rollout_mesh_samples_on_its_own_layout_with_the_same_results():
 # ----------------------------------------------------------------------------- options
 
 
+@pytest.mark.slow
 def test_beta_zero_runs_no_reference_and_holds_no_reference_params():
     trainer = make_trainer(beta=0.0)
     assert "ref_logprobs" not in trainer.batch(fixed_rollout(trainer))
@@ -221,6 +227,7 @@ def test_beta_zero_runs_no_reference_and_holds_no_reference_params():
     assert with_ref.state_bytes()["ref_params"] == with_ref.state_bytes()["params"] and metrics["kl"] >= 0.0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
     """The TPU/GPU settings (bfloat16 compute, remat) through sampling, reference forward and update on CPU:
     the same sampled tokens' log-probs as float32 within bfloat16 precision, and the same kind of update."""
@@ -240,6 +247,7 @@ def test_bfloat16_compute_and_remat_run_whole_iterations_like_float32():
     assert metrics["skipped_updates"] == 0.0 and metrics["completion_length_mean"] > 0
 
 
+@pytest.mark.slow
 def test_mu_two_second_epoch_moves_ratio_and_clips():
     trainer = make_trainer(mu=2, learning_rate=5e-2)
     assert "old_logprobs" in trainer.batch(fixed_rollout(trainer))  # once per batch, before any update
@@ -252,6 +260,7 @@ def test_mu_two_second_epoch_moves_ratio_and_clips():
     assert first["clip_fraction"] == 0.0 and first["ratio_max"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", [dict(), dict(pipeline="one_step_off", rollout_correction="tis")])
 def test_learns_the_toy_task(pipeline):
     trainer = make_trainer(learning_rate=1e-2, **pipeline)
@@ -259,6 +268,7 @@ def test_learns_the_toy_task(pipeline):
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3
 
 
+@pytest.mark.slow
 def test_one_step_off_trains_each_step_on_the_rollout_the_previous_params_sampled():
     """Step 1 is the synchronous step; step 2 trains on the rollout sampled from the params before step 1's
     update (with step 2's key and the next examples), sampled while that update ran."""
@@ -289,6 +299,7 @@ def test_one_step_off_trains_each_step_on_the_rollout_the_previous_params_sample
         e["id"] for e in off.examples_at(position, FIELDS["num_prompts"])]
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_fills_the_batch_with_informative_groups():
     # Reward 1 only for prompts with an even id: odd-id groups are all-zero (degenerate) whatever is sampled;
     # even-id groups vary because the completions differ.
@@ -339,6 +350,7 @@ def test_mask_truncated_removes_truncated_completions_from_the_loss():
     assert not bool(batch["completion_mask"].any())
 
 
+@pytest.mark.slow
 def test_iterative_reference_update_resets_at_the_right_steps():
     trainer = make_trainer(beta=0.04, ref_update_every=2)
     initial = jax.device_get(trainer.ref_params)
@@ -399,6 +411,7 @@ def test_config_errors_name_the_path_the_value_and_the_fix(fields, message):
 # ----------------------------------------------------------------------------- rollout/training agreement
 
 
+@pytest.mark.slow
 def test_rollout_and_training_log_probs_agree_on_policy_and_the_metric_sees_a_mismatch():
     """The sampler's log-probs of its tokens equal the training forward's on the same params (the invariant
     off-policy schedules rely on), and the metric reports a difference once the params moved."""
@@ -412,6 +425,7 @@ def test_rollout_and_training_log_probs_agree_on_policy_and_the_metric_sees_a_mi
     assert float(metrics["rollout_logprob_diff_max"]) > 1e-3 and float(metrics["rollout_kl"]) > 0
 
 
+@pytest.mark.slow
 def test_an_iteration_makes_no_implicit_transfer_and_only_the_rollout_reaches_the_host():
     """big_vision's rule for host<->device traffic: with implicit transfers disallowed both ways an
     iteration runs (every copy is explicit); the only device->host copies before the metrics are the
@@ -428,6 +442,7 @@ def test_an_iteration_makes_no_implicit_transfer_and_only_the_rollout_reaches_th
     assert isinstance(step_metrics[0]["loss"], jax.Array) and len(step_metrics) == 4
 
 
+@pytest.mark.slow
 def test_with_a_vocab_limit_the_trained_distribution_is_the_sampled_one():
     """A tokenizer smaller than the model's vocabulary: the sampler draws from the ids below the limit, and
     its log-probs, the training forward's and the reference's are those of that distribution, not of the
@@ -449,6 +464,7 @@ def test_with_a_vocab_limit_the_trained_distribution_is_the_sampled_one():
     assert float(metrics["rollout_logprob_diff_max"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_params_with_gradient_accumulation_and_remat_with_microbatched_log_probs_train():
     """bfloat16 params: gradients are summed over microbatches in float32 and the params stay bfloat16.
     remat with the reference/old log-probs computed in parts: the model is built inside the mapped part."""
