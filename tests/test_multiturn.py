@@ -314,7 +314,6 @@ def test_observations_use_the_chat_templates_tool_turn_after_the_stop_token():
         Observations(TOKENIZER, TEMPLATE, 5)
 
 
-@pytest.mark.slow
 def test_greedy_evaluation_counts_tool_calls_and_accuracy():
     class Scripted:
         def reset(self, example):

@@ -188,7 +188,6 @@ def test_the_critic_starts_as_a_copy_of_the_policy_with_a_zero_head():
     assert make_grpo().state.critic is None
 
 
-@pytest.mark.slow
 def test_the_critics_values_are_computed_in_the_updates_microbatches():
     """ppo_targets runs the critic over `parts` parts of whole groups (memory of one part): the same values
     as one pass, and the compiled program holds less temporary memory."""
