@@ -29,6 +29,9 @@ from grpo_jax.evaluation import evaluate, greedy_completions
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (and its overrides).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/grpo_jax/jax", "JAX's persistent compilation cache (train_grpo.py's): "
+    "programs the run compiled load from there; \"\" turns it off.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split of config.task to evaluate on.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 200, "The first this many examples of the split.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "Samples per prompt for pass@k and maj@k.")
@@ -42,6 +45,8 @@ _SHOW = flags.DEFINE_integer("show", 0, "Print the greedy completions of the spl
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
+    if _CACHE.value:
+        experiment.use_compilation_cache(pathlib.Path(_CACHE.value).expanduser())
     config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     tokenizer = experiment.make_tokenizer(config)
     grpo = experiment.grpo_config(config, tokenizer)  # the run's config, checked before the model is built

@@ -31,6 +31,8 @@ its tokenizer and chat template (from a GGUF or a Hugging Face byte-level BPE to
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -40,6 +42,9 @@ from grpo_jax.models import WRITE_TYPES
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (and its overrides).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/grpo_jax/jax", "JAX's persistent compilation cache (train_grpo.py's): "
+    "programs the run compiled load from there; \"\" turns it off.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the export to (new or empty).", required=True)
 _ADAPTERS_ONLY = flags.DEFINE_bool(
     "adapters_only", False, "Write the LoRA adapters in PEFT's layout instead of the merged model.")
@@ -50,8 +55,10 @@ _GGUF_TYPE = flags.DEFINE_enum("gguf_type", "F16", list(WRITE_TYPES), "--format=
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
+    if _CACHE.value:
+        experiment.use_compilation_cache(pathlib.Path(_CACHE.value).expanduser())
     result = experiment.export(_CONFIG.value, _WORKDIR.value, _OUT.value, adapters_only=_ADAPTERS_ONLY.value,
-                    file_format=_FORMAT.value, gguf_type=_GGUF_TYPE.value)
+                               file_format=_FORMAT.value, gguf_type=_GGUF_TYPE.value)
     if result["format"] == "gguf":
         print(f"wrote the policy of step {result['step']} as a {_GGUF_TYPE.value} GGUF to {result['out']}")
     elif result["format"] == "merged":

@@ -15,6 +15,7 @@ decode step folds its index into that key, so no key is ever used twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -268,11 +269,22 @@ def grow_cache(cache: Cache, capacity: int) -> Cache:
     return Cache(kv, jnp.pad(cache.mask, ((0, 0), (0, extra))), cache.index)
 
 
-@jax.jit
 def fold_key(key: jax.Array, index: jax.Array | int) -> jax.Array:
-    """`jax.random.fold_in(key, index)` in jit: a step, round, turn or minibatch index (a Python int below
-    2**31, an int32 argument) goes in as the call's argument, with no transfer or dispatch of its own."""
-    return jax.random.fold_in(key, index)
+    """`jax.random.fold_in(key, index)`, folded in jit: a step, round, turn or minibatch index (an int below
+    2**31) goes in as a device scalar put there once per value (`device_index`), with no transfer or eager
+    op per call."""
+    return _fold_in(key, device_index(index) if isinstance(index, int | np.integer) else index)
+
+
+_fold_in = jax.jit(jax.random.fold_in)
+
+
+@functools.lru_cache(maxsize=4096)
+def device_index(index: int) -> jax.Array:
+    """The int32 scalar `index` on the default device: put there explicitly the first time a value is asked
+    for and kept, so the loop's indices (rounds, turns, minibatches) cost no transfer after the first
+    iteration."""
+    return jax.device_put(np.int32(index))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int):

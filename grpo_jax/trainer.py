@@ -44,7 +44,7 @@ from grpo_jax.environments import Observations
 from grpo_jax.metrics import MetricsWriter
 from grpo_jax.models.transformer import Transformer
 from grpo_jax.multiturn import EpisodeSampler
-from grpo_jax.sampling import fold_key, prompt_sharding
+from grpo_jax.sampling import device_index, prompt_sharding
 from grpo_jax.update import (
     LossFn,
     TrainState,
@@ -209,7 +209,7 @@ class Trainer:
         """Stage 3: mu epochs x num_minibatches optimizer steps; the metrics stay on the device."""
         u, metrics = self.cfg.updates, []
         for index in range(u.mu * u.num_minibatches):
-            part = batch if u.num_minibatches == 1 else self.minibatch(batch, key, index)
+            part = batch if u.num_minibatches == 1 else self.minibatch(batch, key, device_index(index))
             self.state, step_metrics = self.train_step(self.state, part)
             metrics.append(step_metrics)
         return metrics
@@ -323,8 +323,12 @@ class Trainer:
 
 
 @jax.jit
-def _iteration_keys(key: jax.Array, step: jax.Array | int) -> jax.Array:
-    return jax.random.split(fold_key(key, step))
+def _split_step_key(key: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.split(jax.random.fold_in(key, step))
+
+
+def _iteration_keys(key: jax.Array, step: int) -> jax.Array:
+    return _split_step_key(key, device_index(step))
 
 
 EPISODE_WIDTH_STEP = 32
