@@ -25,3 +25,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("grpo_jax")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (in their order): the pytest-xdist workers start on the long ones and end on
+    the short ones together, instead of one waiting while the other runs a long test last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

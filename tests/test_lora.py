@@ -52,14 +52,17 @@ def test_the_adapter_gradient_is_the_full_gradient_restricted_to_the_adapters():
         return jnp.sum(weights * logprobs)
 
     merged = lora.merge(params, adapters, cfg)
-    full = jax.grad(loss)(merged)
-    adapter_grads = jax.grad(lambda ad: loss(lora.merge(params, ad, cfg)))(adapters)
+    full = jax.jit(jax.grad(loss))(merged)  # compiled, not op by op: seconds
+    adapter_grads = jax.jit(jax.grad(lambda ad: loss(lora.merge(params, ad, cfg))))(adapters)
     for name, grads in adapter_grads.items():
         _, layer, block, projection = name.split(".")
         g = full["layers"][int(layer)][block][projection]["kernel"][...]
         a, b = adapters[name]["a"], adapters[name]["b"]
-        np.testing.assert_allclose(grads["a"], cfg.scale * g @ b.T, rtol=2e-4, atol=1e-6, err_msg=name)
-        np.testing.assert_allclose(grads["b"], cfg.scale * a.T @ g, rtol=2e-4, atol=1e-6, err_msg=name)
+        # Two computation orders of one float32 gradient: an entry that nearly cancels is compared at the
+        # scale of its array, not its own.
+        for got, want in ((grads["a"], cfg.scale * g @ b.T), (grads["b"], cfg.scale * a.T @ g)):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * float(np.abs(want).max()),
+                                       err_msg=name)
 
 
 @pytest.mark.slow
